@@ -1,0 +1,102 @@
+"""The ``entropymerge`` command line.
+
+Exit codes: 0 success, 2 bad input (one message, no traceback), 1 internal error, 130 cancelled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+import warnings
+from pathlib import Path
+
+from . import __version__
+from .errors import Cancelled, ExitCode, UserInputError
+from .outputs import VOLUME_FORMATS
+from .progress import Progress, make_progress
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UserInputError(f"{self.prog}: {message}")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="entropymerge", description="Per-volume entropy-adaptive merging of site segmentation models.")
+    parser.add_argument("--version", action="version", version=f"entropymerge {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+
+    run = commands.add_parser("run", help="segment one volume with merged site models")
+    run.add_argument("--volume", required=True, type=Path, help="target volume: NIfTI, NRRD, MHA/MHD or a DICOM series folder")
+    run.add_argument("--model", dest="models", action="append", required=True, type=Path,
+                     help="site model: card (.json), weights with card beside, MONAI bundle, or a folder of them; repeat")
+    run.add_argument("--out", required=True, type=Path, help="output folder")
+    run.add_argument("--method", default="mean", help="merge method: single | mean")
+    run.add_argument("--single-model", help="with --method single: name or index of the model to use")
+    add_common_run_options(run)
+    run.set_defaults(handler=command_run)
+    return parser
+
+
+def add_common_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto (GPU when available) | cpu | cuda | cuda:N")
+    parser.add_argument("--roi-size", type=positive_int, nargs=3, metavar=("X", "Y", "Z"), help="sliding-window size (default: model card)")
+    parser.add_argument("--overlap", type=float, help="sliding-window overlap in [0, 1) (default: model card)")
+    parser.add_argument("--sw-batch-size", type=positive_int, help="windows per forward pass (default: model card)")
+    parser.add_argument("--probabilities", action="store_true", help="also write one probability map per class")
+    parser.add_argument("--format", dest="volume_format", default="nii.gz", choices=VOLUME_FORMATS, help="output volume format")
+    parser.add_argument("--trust-bundle-code", dest="trust_code", action="store_true",
+                        help="allow Python expressions in bundle configs and TorchScript models (only for files you trust)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out")
+    parser.add_argument("--progress", default="auto", choices=("auto", "bar", "json", "none"),
+                        help="progress display; json prints one JSON object per line (for the Slicer module)")
+
+
+def command_run(args, progress: Progress) -> None:
+    from .pipeline import RunOptions, run
+
+    options = RunOptions(**{k: v for k, v in vars(args).items() if k in RunOptions.__dataclass_fields__})
+    summary = run(options, progress)
+    if args.progress != "json":
+        print(f"segmentation: {summary['outputs']['segmentation']}")
+        print(f"entropy map:  {summary['outputs']['entropy']}")
+        print(f"summary:      {summary['outputs']['summary']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    progress: Progress = Progress()
+    try:
+        args = build_parser().parse_args(argv)
+        progress = make_progress(getattr(args, "progress", "auto"))
+        quiet_libraries()
+        args.handler(args, progress)
+        return ExitCode.OK
+    except UserInputError as error:
+        return fail(progress, f"error: {error}", ExitCode.BAD_INPUT)
+    except (Cancelled, KeyboardInterrupt):
+        return fail(progress, "cancelled", ExitCode.CANCELLED)
+    except Exception as error:  # a bug: show the traceback so it can be reported
+        traceback.print_exc()
+        return fail(progress, f"internal error: {type(error).__name__}: {error}", ExitCode.INTERNAL_ERROR)
+
+
+def fail(progress: Progress, message: str, code: ExitCode) -> int:
+    progress.error(message, int(code))
+    print(message, file=sys.stderr)
+    return int(code)
+
+
+def quiet_libraries() -> None:
+    """Library chatter (deprecation notices, MONAI's affine warnings) is not for the user."""
+    warnings.filterwarnings("ignore")
+    logging.getLogger("monai").setLevel(logging.ERROR)

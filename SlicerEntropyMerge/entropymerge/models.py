@@ -1,0 +1,240 @@
+"""Loading site models from untrusted files, and checking that a set of them can be merged.
+
+A site model is given as a model card (``*.json`` that names its weights), as a weights file with
+its card beside it (``site.safetensors`` + ``site.json``), as a MONAI bundle folder, or as a folder
+holding several of these. Weights are read with safetensors or ``torch.load(weights_only=True)``;
+TorchScript files are programs and load only when the user trusts them.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .bundle import is_bundle, read_bundle
+from .errors import CodeExecutionRefused, UserInputError
+from .modelcard import ModelCard, is_model_card_file
+from .safeconfig import build_network
+
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt", ".bin")
+TORCHSCRIPT_SUFFIXES = (".ts",)
+STATE_DICT_WRAPPERS = ("state_dict", "model_state_dict", "model", "network", "net", "weights")
+
+
+@dataclass
+class SiteModel:
+    """One site's model, ready to run: its card, its network with weights loaded, and provenance."""
+
+    name: str
+    source: Path
+    card: ModelCard
+    network: torch.nn.Module
+    kind: str  # "weights", "bundle" or "torchscript"
+    notes: list[str] = field(default_factory=list)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.network.state_dict()
+
+
+def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.safetensors`` or a PyTorch file, never unpickling arbitrary objects."""
+    if not path.is_file():
+        raise UserInputError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            loaded = load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as error:
+            raise UserInputError(f"could not read weights {path}: not a valid safetensors file ({error})") from None
+    else:
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            reason = str(error).split("\n")[0]
+            raise UserInputError(
+                f"refused to load {path}: it holds Python objects other than tensors, which could run code when "
+                f"loaded ({reason}). Site model files are read as plain weights only."
+            ) from None
+        except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
+            raise UserInputError(f"could not read weights {path}: not a PyTorch weights file ({str(error).splitlines()[0]})") from None
+    state = _unwrap_state_dict(loaded, path)
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserInputError(f"weights {path} contain NaN or infinite values (first in '{key}')")
+    return state
+
+
+def _unwrap_state_dict(loaded, path: Path) -> dict[str, torch.Tensor]:
+    def is_state_dict(obj) -> bool:
+        return isinstance(obj, Mapping) and len(obj) > 0 and all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+        )
+
+    if not is_state_dict(loaded) and isinstance(loaded, Mapping):
+        loaded = next((loaded[k] for k in STATE_DICT_WRAPPERS if is_state_dict(loaded.get(k))), loaded)
+    if not is_state_dict(loaded):
+        raise UserInputError(
+            f"{path} does not contain a state dict (a mapping of parameter names to tensors); got {type(loaded).__name__}"
+        )
+    state = dict(loaded)
+    if all(key.startswith("module.") for key in state):  # saved from DataParallel
+        state = {key[len("module."):]: value for key, value in state.items()}
+    return state
+
+
+def load_weights_into(network: torch.nn.Module, state: dict[str, torch.Tensor], weights: Path, card_source) -> None:
+    expected = network.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong_shape = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and state[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or wrong_shape:
+        details = []
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape (file vs network)", wrong_shape)):
+            if items:
+                details.append(f"{title}: {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}")
+        raise UserInputError(f"weights {weights} do not fit the network described by {card_source}: {'; '.join(details)}")
+    network.load_state_dict(state, strict=True)
+
+
+def load_site_model(path: str | Path, trust_code: bool = False) -> SiteModel:
+    """Load one site model from a card, a weights or TorchScript file with its card, or a bundle."""
+    path = Path(path)
+    if not path.exists():
+        raise UserInputError(f"model not found: {path}")
+    if is_bundle(path):
+        return _load_bundle(path, trust_code)
+    if path.is_dir():
+        raise UserInputError(f"{path} is a folder but not a MONAI bundle (no configs/ inside)")
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        card_path = path
+    elif suffix in WEIGHT_SUFFIXES + TORCHSCRIPT_SUFFIXES:
+        card_path = path.with_suffix(".json")
+        if not card_path.is_file():
+            raise UserInputError(
+                f"no model card for {path}: expected {card_path.name} beside it (see 'Model card' in the README)"
+            )
+    else:
+        raise UserInputError(
+            f"{path} is not a site model: give a model card (.json), a weights file "
+            f"({', '.join(WEIGHT_SUFFIXES + TORCHSCRIPT_SUFFIXES)}) with its card beside it, or a MONAI bundle folder"
+        )
+    card = ModelCard.load(card_path)
+    weights = path if suffix != ".json" else _card_weights(card, card_path)
+    if weights.suffix.lower() in TORCHSCRIPT_SUFFIXES:
+        return _load_torchscript(weights, card, trust_code)
+    if card.network is None:
+        raise UserInputError(f"model card {card_path} has no 'network'; it is needed to build the model from plain weights")
+    network = build_network(card.network, f"model card {card_path}: 'network'")
+    load_weights_into(network, load_state_dict_file(weights), weights, card_path)
+    return SiteModel(card.name, path, card, network.eval(), "weights")
+
+
+def _card_weights(card: ModelCard, card_path: Path) -> Path:
+    if not card.weights:
+        raise UserInputError(f"model card {card_path} does not name its 'weights' file")
+    weights = Path(card.weights)
+    return weights if weights.is_absolute() else card_path.parent / weights
+
+
+def _load_bundle(root: Path, trust_code: bool) -> SiteModel:
+    card, weights, notes = read_bundle(root, trust_code)
+    if weights.suffix.lower() in TORCHSCRIPT_SUFFIXES:
+        model = _load_torchscript(weights, card, trust_code)
+        model.source, model.kind, model.notes = root, "bundle", notes
+        return model
+    where = f"bundle {root}: 'network_def'"
+    network = build_network(card.network, where)
+    load_weights_into(network, load_state_dict_file(weights), weights, where)
+    return SiteModel(card.name, root, card, network.eval(), "bundle", notes)
+
+
+def _load_torchscript(path: Path, card: ModelCard, trust_code: bool) -> SiteModel:
+    if not trust_code:
+        raise CodeExecutionRefused(
+            f"{path} is a TorchScript program, not plain weights; it runs only if you trust it (--trust-bundle-code)"
+        )
+    try:
+        network = torch.jit.load(str(path), map_location="cpu")
+    except (RuntimeError, ValueError, OSError) as error:
+        raise UserInputError(f"could not load TorchScript model {path}: {str(error).splitlines()[0]}") from None
+    return SiteModel(card.name, path, card, network.eval(), "torchscript")
+
+
+def expand_model_paths(paths: list[str | Path]) -> list[Path]:
+    """Each given path, with a plain folder replaced by the model cards and bundles inside it."""
+    expanded: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir() and not is_bundle(path):
+            found = sorted(p for p in path.iterdir() if is_model_card_file(p) or is_bundle(p))
+            if not found:
+                raise UserInputError(f"folder {path} holds no model cards (*.json) or MONAI bundles")
+            expanded.extend(found)
+        else:
+            expanded.append(path)
+    return expanded
+
+
+def load_site_models(paths: list[str | Path], trust_code: bool = False) -> list[SiteModel]:
+    """Load every site model (folders expanded), giving each a unique display name."""
+    models = [load_site_model(path, trust_code) for path in expand_model_paths(paths)]
+    seen: dict[str, int] = {}
+    for model in models:
+        seen[model.name] = seen.get(model.name, 0) + 1
+        if seen[model.name] > 1:
+            model.name = f"{model.name}-{seen[model.name]}"
+    return models
+
+
+def check_compatible(models: list[SiteModel]) -> None:
+    """Raise ``UserInputError`` naming the first difference that stops these models being merged."""
+    first = models[0]
+    reference = {k: tuple(v.shape) for k, v in first.state_dict().items()}
+    for other in models[1:]:
+        problem = _first_difference(first, reference, other)
+        if problem:
+            raise UserInputError(
+                f"site models '{first.name}' ({first.source}) and '{other.name}' ({other.source}) cannot be used "
+                f"together: {problem}"
+            )
+
+
+def _first_difference(first: SiteModel, reference: dict, other: SiteModel) -> str | None:
+    shapes = {k: tuple(v.shape) for k, v in other.state_dict().items()}
+    for key in reference:
+        if key not in shapes:
+            return f"parameter '{key}' exists only in the first"
+        if reference[key] != shapes[key]:
+            return f"parameter '{key}' has shape {reference[key]} in the first and {shapes[key]} in the second"
+    extra = next((k for k in shapes if k not in reference), None)
+    if extra:
+        return f"parameter '{extra}' exists only in the second"
+    a, b = first.card, other.card
+    if a.network and b.network and a.network != b.network:
+        key = next(k for k in sorted(set(a.network) | set(b.network)) if a.network.get(k) != b.network.get(k))
+        return f"network setting '{key}' is {a.network.get(key)!r} in the first and {b.network.get(key)!r} in the second"
+    if [(l.value, l.name) for l in a.labels] != [(l.value, l.name) for l in b.labels]:
+        return f"labels differ: {[l.name for l in a.labels]} vs {[l.name for l in b.labels]}"
+    if a.input_channels != b.input_channels:
+        return f"input channels differ: {a.input_channels} vs {b.input_channels}"
+    if a.preprocessing != b.preprocessing:
+        return f"preprocessing differs: {a.preprocessing.to_json()} vs {b.preprocessing.to_json()}"
+    if a.features != b.features:
+        return f"stable-feature specs differ: {_describe_features(a)} vs {_describe_features(b)}"
+    return None
+
+
+def _describe_features(card: ModelCard) -> str:
+    f = card.features
+    return f"{f.extractor} v{f.version} ({f.channels} channels)" if f else "none (image only)"

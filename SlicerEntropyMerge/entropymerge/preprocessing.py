@@ -1,0 +1,66 @@
+"""Moving a volume into a model's space (orientation, spacing, intensity) and results back.
+
+Both directions use MONAI transforms on ``MetaTensor`` s that carry their voxel-to-RAS affine, so
+the inverse is a resampling from the model grid onto the exact input grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Orientation, Spacing, SpatialResample
+
+from .modelcard import Preprocessing
+from .safeconfig import build_intensity_transform
+from .volume import Geometry, Volume
+
+
+@dataclass
+class ModelSpaceImage:
+    """A volume resampled and normalised for a model: ``tensor`` is (1, X, Y, Z) float32."""
+
+    tensor: MetaTensor
+    input_geometry: Geometry
+
+    @property
+    def geometry(self) -> Geometry:
+        return Geometry.from_affine_ras(self.tensor.affine.numpy(), self.tensor.shape[1:])
+
+    @property
+    def on_input_grid(self) -> bool:
+        return self.geometry.matches(self.input_geometry, tolerance_mm=1e-4)
+
+
+def to_model_space(volume: Volume, preprocessing: Preprocessing) -> ModelSpaceImage:
+    """Reorient, resample and normalise ``volume`` as the model card's preprocessing says."""
+    image = MetaTensor(
+        torch.from_numpy(volume.array.astype(np.float32, copy=False))[None],
+        affine=torch.as_tensor(volume.geometry.affine_ras, dtype=torch.float64),
+    )
+    if preprocessing.orientation:
+        image = Orientation(axcodes=preprocessing.orientation)(image)
+    if preprocessing.spacing and not np.allclose(_spacing_after(image), preprocessing.spacing, rtol=0, atol=1e-6):
+        image = Spacing(pixdim=preprocessing.spacing, mode="bilinear", padding_mode="border")(image)
+    for index, step in enumerate(preprocessing.intensity):
+        image = build_intensity_transform(step, f"preprocessing.intensity[{index}]")(image)
+    image = MetaTensor(torch.as_tensor(image, dtype=torch.float32).contiguous(), affine=image.affine)
+    return ModelSpaceImage(image, volume.geometry)
+
+
+def _spacing_after(image: MetaTensor) -> np.ndarray:
+    return np.linalg.norm(image.affine.numpy()[:3, :3], axis=0)
+
+
+def to_input_grid(data: torch.Tensor, image: ModelSpaceImage, mode: str = "bilinear") -> torch.Tensor:
+    """Resample (C, X, Y, Z) model-space ``data`` onto the input volume's grid: (C, I, J, K)."""
+    if image.on_input_grid:
+        return data
+    resampled = SpatialResample(mode=mode, padding_mode="border", dtype=torch.float32)(
+        MetaTensor(data, affine=image.tensor.affine),
+        dst_affine=torch.as_tensor(image.input_geometry.affine_ras, dtype=torch.float64),
+        spatial_size=image.input_geometry.shape,
+    )
+    return torch.as_tensor(resampled)

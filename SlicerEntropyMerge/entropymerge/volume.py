@@ -1,0 +1,243 @@
+"""Reading and writing 3D volumes with their exact physical geometry.
+
+Arrays are indexed (i, j, k) in the file's own voxel order. Geometry follows ITK: origin and
+direction in LPS millimetres, direction columns are the i, j, k axis directions. ``affine_ras``
+gives the 4x4 voxel-to-RAS matrix that NIfTI, nibabel, MONAI and 3D Slicer use.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import UserInputError
+
+FILE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The voxel grid of a volume: shape, spacing (mm), origin (LPS mm) and direction (3x3, LPS)."""
+
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[tuple[float, float, float], ...]
+
+    @classmethod
+    def from_affine_ras(cls, affine_ras: np.ndarray, shape) -> "Geometry":
+        """Geometry of a grid given its 4x4 voxel-to-RAS matrix (as MONAI and nibabel give it)."""
+        affine_lps = LPS_TO_RAS @ np.asarray(affine_ras, dtype=np.float64)
+        linear = affine_lps[:3, :3]
+        spacing = np.linalg.norm(linear, axis=0)
+        direction = linear / spacing
+        return cls(
+            shape=tuple(int(s) for s in shape),
+            spacing=tuple(float(s) for s in spacing),
+            origin=tuple(float(o) for o in affine_lps[:3, 3]),
+            direction=tuple(tuple(float(v) for v in row) for row in direction),
+        )
+
+    @property
+    def affine_lps(self) -> np.ndarray:
+        affine = np.eye(4)
+        affine[:3, :3] = np.asarray(self.direction) * np.asarray(self.spacing)
+        affine[:3, 3] = self.origin
+        return affine
+
+    @property
+    def affine_ras(self) -> np.ndarray:
+        return LPS_TO_RAS @ self.affine_lps
+
+    @property
+    def orientation(self) -> str:
+        """Closest anatomical axis codes, e.g. ``"LPS"`` (where the i, j, k axes point)."""
+        linear = self.affine_ras[:3, :3]
+        codes = ""
+        for column in linear.T:
+            axis = int(np.argmax(np.abs(column)))
+            codes += ("LR", "PA", "IS")[axis][int(column[axis] > 0)]
+        return codes
+
+    def matches(self, other: "Geometry", tolerance_mm: float = 1e-3) -> bool:
+        """True when both grids put every voxel at the same physical place."""
+        if self.shape != other.shape:
+            return False
+        corners = np.array(
+            [[i, j, k, 1.0] for i in (0, self.shape[0]) for j in (0, self.shape[1]) for k in (0, self.shape[2])]
+        ).T
+        return bool(np.abs(self.affine_lps @ corners - other.affine_lps @ corners).max() <= tolerance_mm)
+
+    def describe(self) -> str:
+        spacing = "x".join(f"{s:g}" for s in self.spacing)
+        origin = ", ".join(f"{o:.2f}" for o in self.origin)
+        return f"shape {self.shape}, spacing {spacing} mm, origin ({origin}) LPS, orientation {self.orientation}"
+
+
+@dataclass
+class Volume:
+    """A 3D scalar volume: the voxel array in (i, j, k) order and its geometry."""
+
+    array: np.ndarray
+    geometry: Geometry
+    source: str | None = None
+
+
+def is_volume_path(path: Path) -> bool:
+    """True for a file with a supported volume suffix or a folder (DICOM series)."""
+    return path.is_dir() or path.name.lower().endswith(FILE_SUFFIXES)
+
+
+def read_volume(path: str | os.PathLike, what: str = "volume") -> Volume:
+    """Read a 3D scalar volume from NIfTI, NRRD, MHA/MHD, or a folder holding one DICOM series.
+
+    Raises ``UserInputError`` (naming ``what`` and the path) for a missing, unreadable, truncated,
+    non-3D, multi-component or non-finite volume.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserInputError(f"{what} not found: {path}")
+    if path.is_dir():
+        image = _read_dicom_series(path, what)
+    else:
+        if not path.name.lower().endswith(FILE_SUFFIXES):
+            raise UserInputError(
+                f"{what} {path} has an unsupported file type; expected one of {', '.join(FILE_SUFFIXES)} "
+                "or a folder with a DICOM series"
+            )
+        if path.name.lower().endswith((".nii", ".nii.gz")):
+            _check_nifti_complete(path, what)
+        try:
+            image = sitk.ReadImage(str(path))
+        except RuntimeError as error:
+            raise UserInputError(
+                f"could not read {what} {path} (corrupt, truncated or of another format): {_itk_reason(error)}"
+            ) from None
+    return _volume_from_image(image, path, what)
+
+
+def _check_nifti_complete(path: Path, what: str) -> None:
+    """Refuse a truncated NIfTI file: ITK would silently fill the missing voxels with zeros."""
+    try:
+        header = nibabel.load(str(path)).header
+    except Exception as error:  # nibabel raises many types for a damaged header
+        raise UserInputError(f"could not read {what} {path}: not a valid NIfTI file ({error})") from None
+    expected = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+    if path.name.lower().endswith(".gz"):
+        available = 0
+        try:
+            with gzip.open(path, "rb") as stream:
+                while chunk := stream.read(1 << 22):
+                    available += len(chunk)
+        except (EOFError, OSError, zlib.error) as error:
+            raise UserInputError(f"{what} {path} is truncated or corrupt: its compressed data ends early ({error})") from None
+    else:
+        available = path.stat().st_size
+    if available < expected:
+        raise UserInputError(
+            f"{what} {path} is truncated or corrupt: it holds {available} of the {expected} bytes its header announces"
+        )
+
+
+def _read_dicom_series(folder: Path, what: str) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    series_ids = reader.GetGDCMSeriesIDs(str(folder))
+    if not series_ids:
+        raise UserInputError(f"{what} folder {folder} holds no DICOM series")
+    if len(series_ids) > 1:
+        listing = ", ".join(f"{sid} ({len(reader.GetGDCMSeriesFileNames(str(folder), sid))} files)" for sid in series_ids)
+        raise UserInputError(
+            f"{what} folder {folder} holds {len(series_ids)} DICOM series ({listing}); put one series per folder"
+        )
+    files = reader.GetGDCMSeriesFileNames(str(folder), series_ids[0])
+    reader.SetFileNames(files)
+    try:
+        return reader.Execute()
+    except RuntimeError as error:
+        raise UserInputError(f"could not read the DICOM series in {folder}: {_itk_reason(error)}") from None
+
+
+def _volume_from_image(image: sitk.Image, path: Path, what: str) -> Volume:
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise UserInputError(
+            f"{what} {path} has {image.GetNumberOfComponentsPerPixel()} components per voxel; a scalar volume is needed"
+        )
+    if image.GetDimension() == 4 and image.GetSize()[3] == 1:  # one time point is a 3D volume
+        image = image[:, :, :, 0]
+    size = image.GetSize()
+    if image.GetDimension() != 3:
+        raise UserInputError(f"{what} {path} is {image.GetDimension()}D with size {tuple(size)}; a 3D volume is needed")
+    if min(size) < 2:
+        raise UserInputError(f"{what} {path} has size {tuple(size)}; a 3D volume needs at least 2 voxels per axis")
+    array = sitk.GetArrayFromImage(image).transpose(2, 1, 0)
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise UserInputError(f"{what} {path} contains NaN or infinite voxel values")
+    geometry = Geometry(
+        shape=tuple(int(s) for s in array.shape),
+        spacing=tuple(float(s) for s in image.GetSpacing()),
+        origin=tuple(float(o) for o in image.GetOrigin()),
+        direction=tuple(tuple(float(v) for v in row) for row in np.reshape(image.GetDirection(), (3, 3))),
+    )
+    if min(geometry.spacing) <= 0:
+        raise UserInputError(f"{what} {path} has a non-positive voxel spacing {geometry.spacing}")
+    return Volume(array=np.ascontiguousarray(array), geometry=geometry, source=str(path))
+
+
+def _itk_reason(error: RuntimeError) -> str:
+    """The informative line of an ITK exception (they span many lines of C++ context)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "ERROR" in line or "Description:" in line:
+            return line.split("Description:")[-1].split("):", 1)[-1].split("ERROR:", 1)[-1].strip()
+    return lines[-1] if lines else "unknown error"
+
+
+def write_volume(array: np.ndarray, geometry: Geometry, path: str | os.PathLike) -> Path:
+    """Write an (i, j, k) array on ``geometry`` to ``path`` atomically (temporary name, then rename).
+
+    The format follows the suffix of ``path``; NIfTI and NRRD files are compressed.
+    """
+    path = Path(path)
+    array = np.asarray(array)
+    if tuple(array.shape) != geometry.shape:
+        raise ValueError(f"array shape {array.shape} does not match the geometry shape {geometry.shape}")
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
+    image.SetSpacing(geometry.spacing)
+    image.SetOrigin(geometry.origin)
+    image.SetDirection(tuple(np.asarray(geometry.direction).ravel()))
+    suffix = next((s for s in FILE_SUFFIXES if path.name.lower().endswith(s)), path.suffix)
+    temporary = path.with_name(f".{path.name[: -len(suffix)]}.partial-{os.getpid()}{suffix}")
+    try:
+        sitk.WriteImage(image, str(temporary), useCompression=True)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+def read_label_map(path: str | os.PathLike, geometry: Geometry, what: str = "reference segmentation") -> Volume:
+    """Read an integer label map that must lie on ``geometry`` (the target volume's grid)."""
+    volume = read_volume(path, what)
+    if not volume.geometry.matches(geometry):
+        raise UserInputError(
+            f"{what} {path} is not on the target volume's grid: {what} has {volume.geometry.describe()}; "
+            f"the volume has {geometry.describe()}"
+        )
+    values = volume.array
+    if values.dtype.kind == "f":
+        if not np.array_equal(values, np.round(values)) or values.min() < 0:
+            raise UserInputError(f"{what} {path} holds non-integer or negative values; a label map is needed")
+    elif values.size and values.min() < 0:
+        raise UserInputError(f"{what} {path} holds negative values; a label map is needed")
+    volume.array = values.astype(np.int64)
+    return volume
