@@ -54,13 +54,14 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError) as error:
             raise UserInputError(f"could not read weights {path}: not a valid safetensors file ({error})") from None
     else:
+        if not _looks_like_torch_file(path):
+            raise UserInputError(f"could not read weights {path}: not a PyTorch weights file")
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:
-            reason = str(error).split("\n")[0]
             raise UserInputError(
                 f"refused to load {path}: it holds Python objects other than tensors, which could run code when "
-                f"loaded ({reason}). Site model files are read as plain weights only."
+                f"loaded ({_unpickling_reason(error)}). Site model files are read as plain weights only."
             ) from None
         except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
             raise UserInputError(f"could not read weights {path}: not a PyTorch weights file ({str(error).splitlines()[0]})") from None
@@ -69,6 +70,19 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise UserInputError(f"weights {path} contain NaN or infinite values (first in '{key}')")
     return state
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    """torch.save writes a zip archive (or, in its legacy format, a pickle that starts with 0x80)."""
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as stream:
+        return stream.read(1) == b"\x80"
+
+
+def _unpickling_reason(error: pickle.UnpicklingError) -> str:
+    lines = [line.strip() for line in str(error).splitlines()]
+    return next((line for line in lines if "GLOBAL" in line or line.startswith("Unsupported")), "unsupported content")
 
 
 def _unwrap_state_dict(loaded, path: Path) -> dict[str, torch.Tensor]:
@@ -238,3 +252,18 @@ def _first_difference(first: SiteModel, reference: dict, other: SiteModel) -> st
 def _describe_features(card: ModelCard) -> str:
     f = card.features
     return f"{f.extractor} v{f.version} ({f.channels} channels)" if f else "none (image only)"
+
+
+def save_site_model(network: torch.nn.Module, card: ModelCard, folder: str | Path, stem: str | None = None) -> Path:
+    """Write ``<stem>.safetensors`` and its card ``<stem>.json`` into ``folder``; returns the card path."""
+    from dataclasses import replace
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = stem or card.name
+    weights = folder / f"{stem}.safetensors"
+    state = {key: value.detach().cpu().contiguous() for key, value in network.state_dict().items()}
+    save_file(state, str(weights))
+    return replace(card, weights=weights.name).save(folder / f"{stem}.json")

@@ -140,21 +140,21 @@ def run(options: RunOptions, progress: Progress | None = None) -> dict:
             if segmentation.probabilities is not None:
                 for label, probability in zip(card.labels, segmentation.probabilities):
                     output.volume(f"probability_{label.name}", f"probability_{safe_file_stem(label.name)}", probability, volume.geometry)
-            summary = {
-                "entropymerge_version": __version__,
-                "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                "volume": {"path": str(options.volume), "geometry": volume.geometry.describe()},
-                "models": [_model_summary(model) for model in models],
-                "labels": [{"value": l.value, "name": l.name, "color": l.color} for l in card.labels],
-                "method": options.method,
-                "coefficients": {"body": dict(zip((m.name for m in models), coefficients.round(6).tolist()))},
-                "device": report.device,
-                "inference": {"roi_size": list(settings.roi_size), "overlap": settings.overlap, "sw_batch_size": settings.sw_batch_size},
-                "timings_s": timings,
-                "notes": progress.notes,
-                "versions": _versions(),
-            }
-            outputs = output.commit(summary)
+        summary = {
+            "entropymerge_version": __version__,
+            "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "volume": {"path": str(options.volume), "geometry": volume.geometry.describe()},
+            "models": [_model_summary(model) for model in models],
+            "labels": [{"value": l.value, "name": l.name, "color": l.color} for l in card.labels],
+            "method": options.method,
+            "coefficients": {"body": dict(zip((m.name for m in models), coefficients.round(6).tolist()))},
+            "device": report.device,
+            "inference": {"roi_size": list(settings.roi_size), "overlap": settings.overlap, "sw_batch_size": settings.sw_batch_size},
+            "timings_s": timings,
+            "notes": progress.notes,
+            "versions": _versions(),
+        }
+        outputs = output.commit(summary)
     except BaseException:
         output.abort()
         raise

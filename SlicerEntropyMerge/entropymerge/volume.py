@@ -7,8 +7,9 @@ gives the 4x4 voxel-to-RAS matrix that NIfTI, nibabel, MONAI and 3D Slicer use.
 
 from __future__ import annotations
 
-import gzip
 import os
+import shutil
+import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,44 +108,45 @@ def read_volume(path: str | os.PathLike, what: str = "volume") -> Volume:
         raise UserInputError(f"{what} not found: {path}")
     if path.is_dir():
         image = _read_dicom_series(path, what)
-    else:
-        if not path.name.lower().endswith(FILE_SUFFIXES):
-            raise UserInputError(
-                f"{what} {path} has an unsupported file type; expected one of {', '.join(FILE_SUFFIXES)} "
-                "or a folder with a DICOM series"
-            )
-        if path.name.lower().endswith((".nii", ".nii.gz")):
-            _check_nifti_complete(path, what)
+        return _validated_volume(sitk.GetArrayFromImage(image).transpose(2, 1, 0), image, path, what)
+    if not path.name.lower().endswith(FILE_SUFFIXES):
+        raise UserInputError(
+            f"{what} {path} has an unsupported file type; expected one of {', '.join(FILE_SUFFIXES)} "
+            "or a folder with a DICOM series"
+        )
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        # Geometry from ITK (as our writer uses it); voxels from nibabel, which refuses truncated files
+        # and keeps NaN, where ITK's NIfTI reader zero-fills both silently.
+        header = sitk.ImageFileReader()
+        header.SetFileName(str(path))
         try:
-            image = sitk.ReadImage(str(path))
+            header.ReadImageInformation()
         except RuntimeError as error:
             raise UserInputError(
-                f"could not read {what} {path} (corrupt, truncated or of another format): {_itk_reason(error)}"
+                f"could not read {what} {path}: corrupt, truncated or not a NIfTI file ({_itk_reason(error)})"
             ) from None
-    return _volume_from_image(image, path, what)
-
-
-def _check_nifti_complete(path: Path, what: str) -> None:
-    """Refuse a truncated NIfTI file: ITK would silently fill the missing voxels with zeros."""
+        return _validated_volume(_read_nifti_voxels(path, what), header, path, what)
     try:
-        header = nibabel.load(str(path)).header
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        raise UserInputError(
+            f"could not read {what} {path} (corrupt, truncated or of another format): {_itk_reason(error)}"
+        ) from None
+    return _validated_volume(sitk.GetArrayFromImage(image).transpose(2, 1, 0), image, path, what)
+
+
+def _read_nifti_voxels(path: Path, what: str) -> np.ndarray:
+    try:
+        image = nibabel.load(str(path))
+        array = np.asanyarray(image.dataobj)
+    except (EOFError, OSError, zlib.error, ValueError) as error:
+        reason = " ".join(str(error).split()).replace(f" from {path}", "")
+        raise UserInputError(f"{what} {path} is truncated or corrupt: {reason}") from None
     except Exception as error:  # nibabel raises many types for a damaged header
         raise UserInputError(f"could not read {what} {path}: not a valid NIfTI file ({error})") from None
-    expected = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
-    if path.name.lower().endswith(".gz"):
-        available = 0
-        try:
-            with gzip.open(path, "rb") as stream:
-                while chunk := stream.read(1 << 22):
-                    available += len(chunk)
-        except (EOFError, OSError, zlib.error) as error:
-            raise UserInputError(f"{what} {path} is truncated or corrupt: its compressed data ends early ({error})") from None
-    else:
-        available = path.stat().st_size
-    if available < expected:
-        raise UserInputError(
-            f"{what} {path} is truncated or corrupt: it holds {available} of the {expected} bytes its header announces"
-        )
+    if array.ndim == 4 and array.shape[3] == 1:
+        array = array[..., 0]
+    return array.astype(array.dtype.newbyteorder("="), copy=False)
 
 
 def _read_dicom_series(folder: Path, what: str) -> sitk.Image:
@@ -165,26 +167,30 @@ def _read_dicom_series(folder: Path, what: str) -> sitk.Image:
         raise UserInputError(f"could not read the DICOM series in {folder}: {_itk_reason(error)}") from None
 
 
-def _volume_from_image(image: sitk.Image, path: Path, what: str) -> Volume:
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise UserInputError(
-            f"{what} {path} has {image.GetNumberOfComponentsPerPixel()} components per voxel; a scalar volume is needed"
-        )
-    if image.GetDimension() == 4 and image.GetSize()[3] == 1:  # one time point is a 3D volume
-        image = image[:, :, :, 0]
-    size = image.GetSize()
-    if image.GetDimension() != 3:
-        raise UserInputError(f"{what} {path} is {image.GetDimension()}D with size {tuple(size)}; a 3D volume is needed")
+def _validated_volume(array: np.ndarray, image, path: Path, what: str) -> Volume:
+    """Check an (i, j, k) voxel array and the ITK image (or header) it came with; build the Volume."""
+    size = tuple(image.GetSize())
+    components = image.GetNumberOfComponentsPerPixel() if isinstance(image, sitk.Image) else image.GetNumberOfComponents()
+    if components != 1:
+        raise UserInputError(f"{what} {path} has {components} components per voxel; a scalar volume is needed")
+    spacing, origin, direction = image.GetSpacing(), image.GetOrigin(), image.GetDirection()
+    if len(size) == 4 and size[3] == 1:  # one time point is a 3D volume
+        spacing, origin = spacing[:3], origin[:3]
+        direction = np.reshape(direction, (4, 4))[:3, :3].ravel()
+        size = size[:3]
+    if len(size) != 3:
+        raise UserInputError(f"{what} {path} is {len(size)}D with size {size}; a 3D volume is needed")
     if min(size) < 2:
-        raise UserInputError(f"{what} {path} has size {tuple(size)}; a 3D volume needs at least 2 voxels per axis")
-    array = sitk.GetArrayFromImage(image).transpose(2, 1, 0)
+        raise UserInputError(f"{what} {path} has size {size}; a 3D volume needs at least 2 voxels per axis")
+    if tuple(array.shape) != size:
+        raise UserInputError(f"{what} {path} has voxel data of shape {array.shape} but a header of size {size}")
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         raise UserInputError(f"{what} {path} contains NaN or infinite voxel values")
     geometry = Geometry(
-        shape=tuple(int(s) for s in array.shape),
-        spacing=tuple(float(s) for s in image.GetSpacing()),
-        origin=tuple(float(o) for o in image.GetOrigin()),
-        direction=tuple(tuple(float(v) for v in row) for row in np.reshape(image.GetDirection(), (3, 3))),
+        shape=size,
+        spacing=tuple(float(s) for s in spacing),
+        origin=tuple(float(o) for o in origin),
+        direction=tuple(tuple(float(v) for v in row) for row in np.reshape(direction, (3, 3))),
     )
     if min(geometry.spacing) <= 0:
         raise UserInputError(f"{what} {path} has a non-positive voxel spacing {geometry.spacing}")
@@ -212,16 +218,18 @@ def write_volume(array: np.ndarray, geometry: Geometry, path: str | os.PathLike)
     if array.dtype == np.bool_:
         array = array.astype(np.uint8)
     image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
-    image.SetSpacing(geometry.spacing)
-    image.SetOrigin(geometry.origin)
-    image.SetDirection(tuple(np.asarray(geometry.direction).ravel()))
-    suffix = next((s for s in FILE_SUFFIXES if path.name.lower().endswith(s)), path.suffix)
-    temporary = path.with_name(f".{path.name[: -len(suffix)]}.partial-{os.getpid()}{suffix}")
+    image.SetSpacing([float(s) for s in geometry.spacing])
+    image.SetOrigin([float(o) for o in geometry.origin])
+    image.SetDirection([float(d) for d in np.asarray(geometry.direction).ravel()])
+    # Written under the final name inside a hidden folder (two-file formats such as .mhd name their
+    # data file in the header), then moved into place.
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
     try:
-        sitk.WriteImage(image, str(temporary), useCompression=True)
-        os.replace(temporary, path)
+        sitk.WriteImage(image, str(staging / path.name), useCompression=True)
+        for written in sorted(staging.iterdir(), key=lambda p: p.name == path.name):  # header last
+            os.replace(written, path.parent / written.name)
     finally:
-        temporary.unlink(missing_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
     return path
 
 

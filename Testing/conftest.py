@@ -1,0 +1,78 @@
+"""Shared fixtures: the real data beside the project, and small site models made on the fly."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from entropymerge.modelcard import InferenceSettings, ModelCard, Preprocessing, default_labels
+from entropymerge.models import save_site_model
+from entropymerge.safeconfig import build_network
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("ENTROPYMERGE_SHARED_DATA", REPOSITORY.parent / "shared" / "data"))
+
+
+def shared_file(relative: str) -> Path:
+    """A file of ../shared/data; the test is skipped (with the reason) when it is absent."""
+    path = SHARED_DATA / relative
+    if not path.exists():
+        pytest.skip(f"real test data not available: {path} (see ../shared/data/README.md)")
+    return path
+
+
+def tiny_unet_spec(in_channels: int = 1, classes: int = 3) -> dict:
+    return {
+        "_target_": "UNet",
+        "spatial_dims": 3,
+        "in_channels": in_channels,
+        "out_channels": classes,
+        "channels": [4, 8, 16],
+        "strides": [2, 2],
+        "num_res_units": 1,
+        "norm": ["instance", {"affine": True}],
+    }
+
+
+def make_card(name: str = "site", classes: int = 3, orientation: str | None = "RAS", spacing=(2.0, 2.0, 2.0), roi=(32, 32, 32), **changes) -> ModelCard:
+    card = ModelCard(
+        name=name,
+        site=f"{name} hospital",
+        labels=default_labels(["background"] + [f"structure {i}" for i in range(1, classes)]),
+        input_channels=1,
+        preprocessing=Preprocessing(
+            orientation=orientation,
+            spacing=tuple(spacing) if spacing else None,
+            intensity=({"_target_": "ScaleIntensityRangePercentiles", "lower": 0.5, "upper": 99.5, "b_min": 0.0, "b_max": 1.0, "clip": True},),
+        ),
+        inference=InferenceSettings(tuple(roi), 0.25, 2),
+        network=tiny_unet_spec(1, classes),
+    )
+    for key, value in changes.items():
+        setattr(card, key, value)
+    return card
+
+
+@pytest.fixture
+def model_factory(tmp_path):
+    """Writes a small randomly initialised UNet site model (safetensors + card); returns the card path."""
+
+    def make(name: str = "site", seed: int = 0, folder: Path | None = None, **card_changes) -> Path:
+        card = make_card(name, **card_changes)
+        torch.manual_seed(seed)
+        network = build_network(card.network, "test")
+        return save_site_model(network, card, folder or tmp_path / "models", name)
+
+    return make
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the real ``entropymerge`` command in a child process."""
+    return subprocess.run(
+        [sys.executable, "-m", "entropymerge", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=900
+    )
