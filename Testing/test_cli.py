@@ -48,7 +48,7 @@ def test_outputs_lie_on_the_input_grid(tmp_path, model_factory, relative):
     assert summary["method"] == "mean"
     assert summary["coefficients"]["body"] == {"a": 0.5, "b": 0.5}
     assert summary["device"] == "cpu"
-    assert set(summary["timings_s"]) == {"load", "preprocess", "merge", "inference", "write"}
+    assert set(summary["timings_s"]) == {"load", "preprocess", "features", "inference", "write"}
     assert summary["versions"]["torch"] == torch.__version__
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "no staging folder may remain"
 

@@ -40,11 +40,44 @@ def build_parser() -> ArgumentParser:
     run.add_argument("--model", dest="models", action="append", required=True, type=Path,
                      help="site model: card (.json), weights with card beside, MONAI bundle, or a folder of them; repeat")
     run.add_argument("--out", required=True, type=Path, help="output folder")
-    run.add_argument("--method", default="mean", help="merge method: single | mean")
-    run.add_argument("--single-model", help="with --method single: name or index of the model to use")
+    add_method_options(run)
     add_common_run_options(run)
     run.set_defaults(handler=command_run)
+
+    fetch = commands.add_parser("fetch-weights", help="download a feature extractor's weights (explicit, checksum-verified)")
+    fetch.add_argument("extractor", choices=("anatomix",))
+    fetch.add_argument("--url", required=True, help="where the weights are published (e.g. the anatomix authors' release)")
+    fetch.add_argument("--sha256", required=True, help="the expected SHA-256 of the file, from the publisher")
+    fetch.add_argument("--cache-dir", type=Path, help="cache folder (default: $ENTROPYMERGE_CACHE or ~/.cache/entropymerge)")
+    fetch.set_defaults(handler=command_fetch_weights, progress="none")
     return parser
+
+
+def add_method_options(parser: argparse.ArgumentParser) -> None:
+    from .merging import STATISTICS
+    from .pipeline import DEFAULT_TEMPERATURE, METHODS
+
+    method = parser.add_argument_group("merging")
+    method.add_argument("--method", default="adaptive", help=f"{' | '.join(METHODS)} (default: adaptive)")
+    method.add_argument("--single-model", help="with --method single: name or index of the model to use")
+    method.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="tau of alpha = softmax(-H / tau)")
+    method.add_argument("--head-temperature", type=float, help="tau of the head coefficients beta (default: --temperature)")
+    method.add_argument("--no-decouple-head", dest="decouple_head", action="store_false", help="merge the head with alpha too")
+    method.add_argument("--statistic", default="foreground_entropy", choices=STATISTICS, help="the per-model uncertainty behind alpha")
+    method.add_argument("--refine", action="store_true", help="forward-only search over a few candidate coefficient vectors")
+    method.add_argument("--batchnorm", default="merge", choices=("merge", "reestimate"), help="batch-norm statistics of the merged model")
+    method.add_argument("--probe", default="patches", choices=("patches", "whole"), help="ROI patches over the body, or the whole volume at half resolution")
+    method.add_argument("--probe-patches", type=positive_int, default=8, help="how many probe patches (default 8)")
+    method.add_argument("--probe-size", type=positive_int, nargs=3, metavar=("X", "Y", "Z"),
+                        help="probe patch size in voxels (default: half the ROI, a multiple of 16)")
+    features = parser.add_argument_group("stable features")
+    features.add_argument("--features", choices=("mind-ssc", "anatomix", "none"), help="must match the model card (default: what it says)")
+    features.add_argument("--anatomix-weights", type=Path, help="path of anatomix.pth")
+    features.add_argument("--feature-cache", type=Path, help="cache folder (default: $ENTROPYMERGE_CACHE or ~/.cache/entropymerge)")
+    features.add_argument("--no-feature-cache", action="store_true", help="always recompute the features")
+    outputs = parser.add_argument_group("evaluation and extra outputs")
+    outputs.add_argument("--reference", type=Path, help="reference segmentation on the volume's grid: adds Dice and HD95")
+    outputs.add_argument("--per-model", action="store_true", help="also write each site model's segmentation and entropy map")
 
 
 def add_common_run_options(parser: argparse.ArgumentParser) -> None:
@@ -70,6 +103,14 @@ def command_run(args, progress: Progress) -> None:
         print(f"segmentation: {summary['outputs']['segmentation']}")
         print(f"entropy map:  {summary['outputs']['entropy']}")
         print(f"summary:      {summary['outputs']['summary']}")
+
+
+def command_fetch_weights(args, progress: Progress) -> None:
+    from .features import ANATOMIX_WEIGHTS_NAME, Anatomix, default_cache_dir, fetch_weights
+
+    destination = (args.cache_dir or default_cache_dir()) / "weights" / ANATOMIX_WEIGHTS_NAME
+    path = fetch_weights(args.url, args.sha256, destination, lambda candidate: Anatomix(candidate))
+    print(f"anatomix weights verified and stored: {path}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
-from .entropy import normalized_entropy
+from .entropy import normalized_entropy, predicted_labels
 from .errors import UserInputError
 from .modelcard import InferenceSettings
 from .preprocessing import ModelSpaceImage, to_input_grid
@@ -142,14 +142,13 @@ class Segmentation:
     probabilities: np.ndarray | None = None  # (C, I, J, K) float32, when asked for
 
 
-def segmentation_from_logits(logits: torch.Tensor, image: ModelSpaceImage, keep_probabilities: bool = False) -> Segmentation:
-    """Softmax, resample the class probabilities (linear) onto the input grid, then argmax and entropy.
+def segmentation_from_probabilities(probabilities: torch.Tensor, image: ModelSpaceImage, keep_probabilities: bool = False) -> Segmentation:
+    """Resample model-space class probabilities (C, X, Y, Z) linearly onto the input grid, then argmax and entropy.
 
     Resampling probabilities rather than labels keeps labels and entropy consistent and gives
     smooth boundaries when the model's grid is coarser than the input's.
     """
-    probabilities = torch.softmax(logits[0].float(), dim=0)
-    probabilities = to_input_grid(probabilities, image, mode="bilinear")
-    labels = probabilities.argmax(dim=0).numpy().astype(np.uint8 if probabilities.shape[0] <= 256 else np.uint16)
+    probabilities = to_input_grid(probabilities.float(), image, mode="bilinear")
+    labels = predicted_labels(probabilities, dim=0).numpy().astype(np.uint8 if probabilities.shape[0] <= 256 else np.uint16)
     entropy = normalized_entropy(probabilities, dim=0).numpy().astype(np.float32)
     return Segmentation(labels, entropy, probabilities.numpy() if keep_probabilities else None)

@@ -1,6 +1,7 @@
 """One case from files to files: the engine's flow as a short sequence of calls.
 
-read volume -> load and check site models -> model space -> merge coefficients -> merged model
+read volume -> load and check site models -> model space -> stable features (cached)
+-> probe passes of the K site models -> coefficients (alpha body, beta head) -> merged model
 -> sliding-window inference -> labels and entropy on the input grid -> outputs + summary.json
 """
 
@@ -18,16 +19,39 @@ import torch
 
 from . import __version__
 from .errors import UserInputError
-from .inference import InferenceReport, describe_device, predict_logits, resolve_device, segmentation_from_logits
-from .merging import mean_coefficients, merged_network, one_hot
+from .features import FeatureCache, get_extractor, model_inputs
+from .inference import (
+    InferenceReport,
+    Segmentation,
+    describe_device,
+    predict_logits,
+    resolve_device,
+    segmentation_from_probabilities,
+)
+from .merging import (
+    STATISTICS,
+    AdaptiveSettings,
+    MergePlan,
+    Probe,
+    adaptive_plan,
+    mean_coefficients,
+    one_hot,
+    probe_batch_size,
+    probe_probabilities,
+    select_probe,
+    site_scores,
+)
+from .entropy import probe_statistics
+from .metrics import evaluate
 from .modelcard import InferenceSettings
 from .models import SiteModel, check_compatible, expand_model_paths, load_site_models
 from .outputs import OutputFolder, safe_file_stem
-from .preprocessing import to_model_space
+from .preprocessing import ModelSpaceImage, to_model_space
 from .progress import Progress
-from .volume import read_volume
+from .volume import Volume, read_label_map, read_volume
 
-METHODS = ("single", "mean")
+METHODS = ("adaptive", "mean", "ensemble", "single", "select", "oracle")
+DEFAULT_TEMPERATURE = 0.05
 
 
 @dataclass
@@ -36,9 +60,24 @@ class RunOptions:
 
     volume: Path
     models: list[Path]
-    out: Path
-    method: str = "mean"
+    out: Path | None = None
+    method: str = "adaptive"
     single_model: str | None = None
+    temperature: float = DEFAULT_TEMPERATURE
+    head_temperature: float | None = None
+    decouple_head: bool = True
+    statistic: str = "foreground_entropy"
+    refine: bool = False
+    batchnorm: str = "merge"
+    probe: str = "patches"
+    probe_patches: int = 8
+    probe_size: tuple[int, int, int] | None = None
+    features: str | None = None
+    anatomix_weights: Path | None = None
+    feature_cache: Path | None = None
+    no_feature_cache: bool = False
+    reference: Path | None = None
+    per_model: bool = False
     device: str = "auto"
     roi_size: tuple[int, int, int] | None = None
     overlap: float | None = None
@@ -47,7 +86,16 @@ class RunOptions:
     volume_format: str = "nii.gz"
     trust_code: bool = False
     overwrite: bool = False
-    extra: dict = field(default_factory=dict)
+
+    def adaptive_settings(self) -> AdaptiveSettings:
+        return AdaptiveSettings(
+            temperature=self.temperature,
+            head_temperature=self.head_temperature if self.head_temperature is not None else self.temperature,
+            decouple_head=self.decouple_head,
+            statistic=self.statistic,
+            refine=self.refine,
+            batchnorm=self.batchnorm,
+        )
 
 
 class Timings(dict):
@@ -62,18 +110,156 @@ class Timings(dict):
             self[name] = round(self.get(name, 0.0) + time.perf_counter() - start, 4)
 
 
+@dataclass
+class Case:
+    """A target volume in the site models' space, ready for probe passes and inference."""
+
+    volume: Volume
+    models: list[SiteModel]
+    image: ModelSpaceImage
+    inputs: torch.Tensor  # (1, C_in, X, Y, Z)
+    settings: InferenceSettings
+    device: torch.device
+    reference: Volume | None = None
+    features_cached: bool = False
+    report: InferenceReport = field(default_factory=lambda: InferenceReport("cpu", []))
+
+    @property
+    def labels(self):
+        return self.models[0].card.labels
+
+    def probabilities(self, network: torch.nn.Module, progress=None) -> torch.Tensor:
+        """Sliding-window class probabilities of ``network`` on the model grid: (C, X, Y, Z)."""
+        logits = predict_logits(network, self.inputs, self.settings, self.device, progress, self.report)
+        return torch.softmax(logits[0].float(), dim=0)
+
+    def segment(self, probabilities: torch.Tensor, keep_probabilities: bool = False) -> Segmentation:
+        return segmentation_from_probabilities(probabilities, self.image, keep_probabilities)
+
+    def evaluate(self, labels: np.ndarray) -> dict | None:
+        if self.reference is None:
+            return None
+        return evaluate(labels, self.reference.array, self.labels, self.volume.geometry.spacing)
+
+
+def validate_options(options: RunOptions) -> None:
+    """Cheap checks of option values, before any file is read."""
+    if options.method not in METHODS:
+        raise UserInputError(f"unknown method {options.method!r}; choose one of {', '.join(METHODS)}")
+    for name in ("temperature", "head_temperature"):
+        value = getattr(options, name)
+        if value is not None and not value > 0:
+            raise UserInputError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+    if options.statistic not in STATISTICS:
+        raise UserInputError(f"unknown statistic {options.statistic!r}; choose one of {', '.join(STATISTICS)}")
+    if options.method == "oracle" and options.reference is None:
+        raise UserInputError("--method oracle picks the best single model by Dice, so it needs --reference")
+    if options.overlap is not None and not 0 <= options.overlap < 1:
+        raise UserInputError(f"--overlap must be in [0, 1), got {options.overlap}")
+
+
 def inference_settings(model: SiteModel, options: RunOptions) -> InferenceSettings:
     """The model card's sliding-window settings with the user's overrides applied."""
     settings = model.card.inference
     if options.roi_size:
         settings = replace(settings, roi_size=tuple(options.roi_size))
     if options.overlap is not None:
-        if not 0 <= options.overlap < 1:
-            raise UserInputError(f"--overlap must be in [0, 1), got {options.overlap}")
         settings = replace(settings, overlap=options.overlap)
     if options.sw_batch_size:
         settings = replace(settings, sw_batch_size=options.sw_batch_size)
     return settings
+
+
+def load_case(options: RunOptions, progress: Progress, timings: Timings) -> Case:
+    """Read and check the inputs, move the volume into the models' space and add the feature channels."""
+    progress.stage("load", "reading the volume and the site models")
+    with timings.measure("load"):
+        volume = read_volume(options.volume)
+        models = load_site_models(options.models, options.trust_code)
+        check_compatible(models)
+        card = models[0].card
+        reference = None
+        if options.reference:
+            reference = read_label_map(options.reference, volume.geometry)
+            unknown = sorted(set(np.unique(reference.array).tolist()) - {l.value for l in card.labels})
+            if unknown:
+                raise UserInputError(
+                    f"reference segmentation {options.reference} holds label values {unknown} that the models do not know "
+                    f"(they predict {', '.join(f'{l.value}={l.name}' for l in card.labels)})"
+                )
+        device = resolve_device(options.device)
+    for model in models:
+        for note in model.notes:
+            progress.note(f"{model.name}: {note}")
+
+    progress.stage("preprocess", f"resampling to the models' space ({card.preprocessing.orientation or 'as stored'})")
+    with timings.measure("preprocess"):
+        image = to_model_space(volume, card.preprocessing)
+
+    spec = card.features
+    if options.features and options.features != (spec.extractor if spec else "none"):
+        raise UserInputError(
+            f"--features {options.features}: the models were trained with "
+            f"{spec.extractor + ' features' if spec else 'the image alone'}; they need exactly those input channels"
+        )
+    progress.stage("features", f"stable features: {spec.extractor}" if spec else "image only (no stable features)")
+    with timings.measure("features"):
+        extractor = get_extractor(spec.extractor, options.anatomix_weights, options.feature_cache) if spec else None
+        cache = None if options.no_feature_cache or spec is None else FeatureCache(
+            options.feature_cache / "features" if options.feature_cache else None)
+        features = model_inputs(image.tensor.as_tensor(), spec, extractor, cache)
+    if spec:
+        progress.update(1.0, "stable features from the cache" if features.cached else "stable features computed")
+    settings = inference_settings(models[0], options)
+    return Case(volume, models, image, features.inputs, settings, device, reference, features.cached,
+                InferenceReport(str(device), []))
+
+
+def site_probe_outputs(case: Case, probe: Probe, progress: Progress) -> list[torch.Tensor]:
+    """Forward passes of every site model on the probe (the only passes the K models make)."""
+    outputs = []
+    batch = probe_batch_size(probe, case.settings.roi_size)
+    for index, model in enumerate(case.models):
+        progress.update(index / len(case.models), f"probe pass: {model.name}")
+        outputs.append(probe_probabilities(model.network, probe, case.device, batch))
+    return outputs
+
+
+def plan_merge(case: Case, options: RunOptions, progress: Progress, timings: Timings) -> tuple[MergePlan, list[torch.Tensor] | None]:
+    """The merge coefficients for ``options.method``; returns the plan and the site models' probe outputs."""
+    models = case.models
+    if options.method in ("adaptive", "select"):
+        progress.stage("probe", f"probe passes of {len(models)} site models")
+        with timings.measure("probe"):
+            probe = select_probe(case.inputs, options.probe_size or default_probe_size(case.settings.roi_size),
+                                 options.probe_patches, options.probe)
+            for note in probe.notes:
+                progress.note(note)
+            outputs = site_probe_outputs(case, probe, progress)
+        progress.stage("merge", "computing merge coefficients")
+        with timings.measure("merge"):
+            if options.method == "adaptive":
+                plan = adaptive_plan(models, probe, outputs, options.adaptive_settings(), case.device,
+                                     probe_batch_size(probe, case.settings.roi_size))
+            else:
+                stats = probe_statistics(outputs)
+                scores = site_scores(stats, options.statistic)
+                chosen = int(np.argmin(scores))
+                plan = MergePlan("select", one_hot(chosen, len(models)), details={
+                    "statistics": stats, "scores": scores, "statistic": options.statistic,
+                    "selected": models[chosen].name, "probe": probe.describe()})
+        return plan, outputs
+    progress.stage("merge", f"merging {len(models)} model(s): {options.method}")
+    if options.method == "mean":
+        return MergePlan("mean", mean_coefficients(models)), None
+    if options.method == "single":
+        return MergePlan("single", one_hot(single_model_index(models, options.single_model), len(models))), None
+    return MergePlan(options.method, None), None  # ensemble and oracle run every model in full
+
+
+def default_probe_size(roi_size) -> tuple[int, int, int]:
+    """Half the ROI per axis, kept a multiple of 16 (and at least 16): about one window per model for 8 patches."""
+    return tuple(max(16, (r // 2) // 16 * 16) for r in roi_size)
 
 
 def single_model_index(models: list[SiteModel], choice: str | None) -> int:
@@ -91,75 +277,141 @@ def single_model_index(models: list[SiteModel], choice: str | None) -> int:
 
 
 def run(options: RunOptions, progress: Progress | None = None) -> dict:
-    """Segment ``options.volume`` with the site models merged by ``options.method``; returns the summary."""
+    """Segment ``options.volume`` with the site models combined by ``options.method``; returns the summary."""
     progress = progress or Progress()
-    if options.method not in METHODS:
-        raise UserInputError(f"unknown method {options.method!r}; choose one of {', '.join(METHODS)}")
+    validate_options(options)
+    if options.out is None:
+        raise UserInputError("an output folder (--out) is needed")
+    output = OutputFolder(options.out, options.overwrite, _inputs_of(options), options.volume_format)
     timings = Timings()
-    protected = (Path(options.volume), *expand_model_paths(options.models))
-    output = OutputFolder(options.out, options.overwrite, protected, options.volume_format)
-    progress.plan([("load", 1), ("preprocess", 1), ("merge", 1), ("inference", 6), ("write", 1)])
+    runs_every_model = options.method in ("ensemble", "oracle") or options.per_model
+    progress.plan([("load", 1), ("preprocess", 1), ("features", 2), ("probe", 2), ("merge", 1),
+                   ("inference", 6), ("site models", 6 * len(options.models) if runs_every_model else 0),
+                   ("evaluate", 1 if options.reference else 0), ("write", 1)])
     try:
-        progress.stage("load", "reading the volume and the site models")
-        with timings.measure("load"):
-            volume = read_volume(options.volume)
-            models = load_site_models(options.models, options.trust_code)
-            check_compatible(models)
-        for model in models:
-            for note in model.notes:
-                progress.note(f"{model.name}: {note}")
-        card = models[0].card
-        settings = inference_settings(models[0], options)
-        device = resolve_device(options.device)
+        case = load_case(options, progress, timings)
+        models = case.models
+        plan, _ = plan_merge(case, options, progress, timings)
+        per_model: dict[str, dict] = {}
+        if runs_every_model:
+            ensemble_sum, oracle_best = _run_every_model(case, options, output, per_model, progress, timings)
+            if options.method == "ensemble":
+                plan.details["members"] = [m.name for m in models]
+            elif options.method == "oracle":
+                plan = MergePlan("oracle", one_hot(oracle_best, len(models)), details={"selected": models[oracle_best].name})
 
-        progress.stage("preprocess", f"resampling to the models' space ({card.preprocessing.orientation or 'as stored'})")
-        with timings.measure("preprocess"):
-            image = to_model_space(volume, card.preprocessing)
-            inputs = image.tensor.as_tensor()[None]
-
-        progress.stage("merge", f"merging {len(models)} model(s): {options.method}")
-        with timings.measure("merge"):
-            if options.method == "single":
-                coefficients = one_hot(single_model_index(models, options.single_model), len(models))
-            else:
-                coefficients = mean_coefficients(models)
-            network = merged_network(models, coefficients)
-
-        progress.stage("inference", f"segmenting on {describe_device(device)}")
-        report = InferenceReport(str(device), [])
+        progress.stage("inference", f"segmenting on {describe_device(case.device)}")
         with timings.measure("inference"):
-            logits = predict_logits(network, inputs, settings, device, lambda f: progress.update(f, "segmenting"), report)
-            segmentation = segmentation_from_logits(logits, image, options.probabilities)
-        for note in report.notes:
+            if options.method == "ensemble":
+                probabilities = ensemble_sum / len(models)
+            else:
+                network = plan.network(models)
+                probabilities = case.probabilities(network, lambda f: progress.update(f, "segmenting"))
+            segmentation = case.segment(probabilities, options.probabilities)
+            del probabilities
+        for note in case.report.notes:
             progress.note(note)
+
+        evaluation = None
+        if case.reference is not None:
+            progress.stage("evaluate", "comparing with the reference segmentation")
+            with timings.measure("evaluate"):
+                evaluation = case.evaluate(segmentation.labels)
 
         progress.stage("write", "writing the outputs")
         with timings.measure("write"):
-            output.volume("segmentation", "segmentation", segmentation.labels, volume.geometry)
-            output.volume("entropy", "entropy", segmentation.entropy, volume.geometry)
-            if segmentation.probabilities is not None:
-                for label, probability in zip(card.labels, segmentation.probabilities):
-                    output.volume(f"probability_{label.name}", f"probability_{safe_file_stem(label.name)}", probability, volume.geometry)
-        summary = {
-            "entropymerge_version": __version__,
-            "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "volume": {"path": str(options.volume), "geometry": volume.geometry.describe()},
-            "models": [_model_summary(model) for model in models],
-            "labels": [{"value": l.value, "name": l.name, "color": l.color} for l in card.labels],
-            "method": options.method,
-            "coefficients": {"body": dict(zip((m.name for m in models), coefficients.round(6).tolist()))},
-            "device": report.device,
-            "inference": {"roi_size": list(settings.roi_size), "overlap": settings.overlap, "sw_batch_size": settings.sw_batch_size},
-            "timings_s": timings,
-            "notes": progress.notes,
-            "versions": _versions(),
-        }
+            write_segmentation(output, "", segmentation, case)
+        summary = build_summary(options, case, plan, timings, progress, evaluation, per_model)
         outputs = output.commit(summary)
     except BaseException:
         output.abort()
         raise
     progress.done(outputs)
     return dict(summary, outputs=outputs)
+
+
+def _run_every_model(case: Case, options: RunOptions, output: OutputFolder, per_model: dict, progress: Progress, timings: Timings):
+    """Full inference of each site model (per-model outputs, ensemble, oracle); one at a time in memory."""
+    progress.stage("site models", "running every site model in full")
+    ensemble_sum = None
+    best, best_dice = 0, -1.0
+    with timings.measure("site models"):
+        for index, model in enumerate(case.models):
+            def report(fraction, index=index, name=model.name):
+                progress.update((index + fraction) / len(case.models), f"site model {name}")
+
+            probabilities = case.probabilities(model.network, report)
+            if options.method == "ensemble":
+                ensemble_sum = probabilities if ensemble_sum is None else ensemble_sum + probabilities
+            segmentation = case.segment(probabilities)
+            del probabilities
+            entry: dict = {}
+            evaluation = case.evaluate(segmentation.labels)
+            if evaluation is not None:
+                entry["evaluation"] = evaluation
+                if (evaluation["mean_dice"] or 0.0) > best_dice:
+                    best, best_dice = index, evaluation["mean_dice"] or 0.0
+            if options.per_model:
+                write_segmentation(output, model.name, segmentation, case)
+            per_model[model.name] = entry
+    return ensemble_sum, best
+
+
+def write_segmentation(output: OutputFolder, model_name: str, segmentation: Segmentation, case: Case) -> None:
+    """Labels, entropy and (when kept) probabilities on the input grid; per-model files get the model's name."""
+    suffix = f"_{safe_file_stem(model_name)}" if model_name else ""
+    key = f"_{model_name}" if model_name else ""
+    geometry = case.volume.geometry
+    output.volume(f"segmentation{key}", f"segmentation{suffix}", segmentation.labels, geometry)
+    output.volume(f"entropy{key}", f"entropy{suffix}", segmentation.entropy, geometry)
+    if segmentation.probabilities is not None:
+        for label, probability in zip(case.labels, segmentation.probabilities):
+            output.volume(f"probability_{label.name}{key}", f"probability_{safe_file_stem(label.name)}{suffix}", probability, geometry)
+
+
+def _inputs_of(options: RunOptions) -> tuple[Path, ...]:
+    paths = [Path(options.volume), *expand_model_paths(options.models)]
+    return tuple(paths + ([Path(options.reference)] if options.reference else []))
+
+
+def _named(models, values) -> dict[str, float] | None:
+    if values is None:
+        return None
+    return {m.name: round(float(v), 6) for m, v in zip(models, values)}
+
+
+def build_summary(options: RunOptions, case: Case, plan: MergePlan, timings: Timings, progress: Progress,
+                  evaluation: dict | None, per_model: dict) -> dict:
+    models = case.models
+    details = dict(plan.details)
+    stats = details.pop("statistics", None)
+    summary = {
+        "entropymerge_version": __version__,
+        "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "volume": {"path": str(options.volume), "geometry": case.volume.geometry.describe()},
+        "models": [_model_summary(model) for model in models],
+        "labels": [{"value": l.value, "name": l.name, "color": l.color} for l in case.labels],
+        "method": plan.method,
+        "coefficients": {"body": _named(models, plan.body), "head": _named(models, plan.head if plan.head is not None else plan.body)},
+        "decoupled_head": plan.head is not None,
+        "probe_statistics": {key: _named(models, values) for key, values in stats.items()} if stats else None,
+        "merge_details": {k: (_named(models, v) if k in ("scores", "head_scores") else v) for k, v in details.items()},
+        "features": {"spec": _feature_summary(models[0]), "from_cache": case.features_cached},
+        "device": case.report.device,
+        "inference": {"roi_size": list(case.settings.roi_size), "overlap": case.settings.overlap,
+                      "sw_batch_size": case.settings.sw_batch_size},
+        "evaluation": evaluation,
+        "per_model": per_model or None,
+        "timings_s": timings,
+        "notes": progress.notes,
+        "versions": _versions(),
+    }
+    return summary
+
+
+def _feature_summary(model: SiteModel) -> dict | None:
+    spec = model.card.features
+    return {"extractor": spec.extractor, "version": spec.version, "channels": spec.channels} if spec else None
 
 
 def _model_summary(model: SiteModel) -> dict:
