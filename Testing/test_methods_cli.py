@@ -69,7 +69,7 @@ def test_every_method_in_one_code_path(tmp_path, mind_models, sphere_case, metho
         assert set(summary["probe_statistics"]["entropy"]) == {"site0", "site1", "site2"}
         assert sum(body.values()) == pytest.approx(1.0, abs=1e-5)
         assert sum(summary["coefficients"]["head"].values()) == pytest.approx(1.0, abs=1e-5)
-        assert summary["merge_details"]["probe"]["patches"] == 4
+        assert summary["merge_details"]["probe"]["patches"] == 8
         assert {"probe", "merge", "features"} <= set(summary["timings_s"])
     elif method == "mean":
         assert body == {"site0": pytest.approx(1 / 3), "site1": pytest.approx(1 / 3), "site2": pytest.approx(1 / 3)}
