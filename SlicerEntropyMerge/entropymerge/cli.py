@@ -44,6 +44,51 @@ def build_parser() -> ArgumentParser:
     add_common_run_options(run)
     run.set_defaults(handler=command_run)
 
+    demo = commands.add_parser("demo", help="the whole story on the bundled sample: site models vs mean vs entropy-adaptive merge")
+    demo.add_argument("--out", type=Path, help="output folder (default: ./entropymerge-demo, or -2, -3 ... if it exists)")
+    demo.add_argument("--device", default="auto", help="auto (GPU when available) | cpu | cuda | cuda:N")
+    demo.add_argument("--overwrite", action="store_true", help="replace earlier demo results in --out")
+    demo.add_argument("--progress", default="auto", choices=("auto", "bar", "json", "none"))
+    demo.set_defaults(handler=command_demo)
+
+    simulate = commands.add_parser("simulate", help="write synthetic scans (image + labels) from a simulated site")
+    simulate.add_argument("--site", required=True, help="a source or unseen target site (list them: entropymerge sites)")
+    simulate.add_argument("--seed", type=int, default=None, help="first case seed (default: the site's first test seed)")
+    simulate.add_argument("--count", type=positive_int, default=1, help="how many cases (consecutive seeds)")
+    simulate.add_argument("--out", required=True, type=Path, help="output folder")
+    simulate.set_defaults(handler=command_simulate, progress="none")
+    sites = commands.add_parser("sites", help="list the simulated sites")
+    sites.set_defaults(handler=command_sites, progress="none")
+
+    train = commands.add_parser("train", help="train the sample site models (base on pooled generic data, then one per site)")
+    train.add_argument("--out", required=True, type=Path, help="folder for the site models (cards + safetensors); work files in OUT/work")
+    train.add_argument("--features", default="mind-ssc", choices=("mind-ssc", "anatomix", "none"), help="stable features (none: image-only models)")
+    train.add_argument("--channel-dropout", type=float, default=0.75, help="whole-channel dropout over all input channels (DropGen)")
+    train.add_argument("--sites", nargs="+", help="source sites to fine-tune (default: all)")
+    train.add_argument("--base-cases", type=positive_int, default=16)
+    train.add_argument("--site-cases", type=positive_int, default=8)
+    train.add_argument("--base-steps", type=int, default=800)
+    train.add_argument("--site-steps", type=int, default=300)
+    train.add_argument("--batch-size", type=positive_int, default=2)
+    train.add_argument("--patch-size", type=positive_int, default=64)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--progress", default="auto", choices=("auto", "bar", "json", "none"))
+    train.set_defaults(handler=command_train)
+
+    rank = commands.add_parser("rank", help="rank the site models for one volume, training-free (GRTD, LBTC, fusion, LogME)")
+    rank.add_argument("--volume", required=True, type=Path, help="target volume")
+    rank.add_argument("--model", dest="models", action="append", required=True, type=Path, help="site model; repeat (at least two)")
+    rank.add_argument("--out", required=True, type=Path, help="output folder: ranking.json, ranking.csv, summary.json")
+    labels = rank.add_argument_group("labels (in order of trust; without either, the merged model's prediction is used)")
+    labels.add_argument("--reference", type=Path, help="reference segmentation on the volume's grid (also gives true Dice and Kendall tau)")
+    add_ranking_options(rank, with_switch=False)
+    rank.add_argument("--method", default="adaptive", help=argparse.SUPPRESS)
+    rank.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    rank.add_argument("--trust-bundle-code", dest="trust_code", action="store_true", help="allow code in bundles and TorchScript models")
+    rank.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out")
+    rank.add_argument("--progress", default="auto", choices=("auto", "bar", "json", "none"))
+    rank.set_defaults(handler=command_rank, rank=True, segment=False)
+
     fetch = commands.add_parser("fetch-weights", help="download a feature extractor's weights (explicit, checksum-verified)")
     fetch.add_argument("extractor", choices=("anatomix",))
     fetch.add_argument("--url", required=True, help="where the weights are published (e.g. the anatomix authors' release)")
@@ -78,6 +123,16 @@ def add_method_options(parser: argparse.ArgumentParser) -> None:
     outputs = parser.add_argument_group("evaluation and extra outputs")
     outputs.add_argument("--reference", type=Path, help="reference segmentation on the volume's grid: adds Dice and HD95")
     outputs.add_argument("--per-model", action="store_true", help="also write each site model's segmentation and entropy map")
+    add_ranking_options(parser, with_switch=True)
+
+
+def add_ranking_options(parser: argparse.ArgumentParser, with_switch: bool) -> None:
+    ranking = parser.add_argument_group("transferability ranking")
+    if with_switch:
+        ranking.add_argument("--rank", action="store_true", help="also rank the site models (reuses the run's probe passes)")
+    ranking.add_argument("--scribbles", type=Path, help="sparse label map as the ranking's labels: painted voxels count")
+    ranking.add_argument("--unlabelled-value", type=int, default=255, help="the scribble value of unpainted voxels (default 255)")
+    ranking.add_argument("--seed", type=int, default=0, help="seed of the voxel sampling")
 
 
 def add_common_run_options(parser: argparse.ArgumentParser) -> None:
@@ -102,7 +157,68 @@ def command_run(args, progress: Progress) -> None:
     if args.progress != "json":
         print(f"segmentation: {summary['outputs']['segmentation']}")
         print(f"entropy map:  {summary['outputs']['entropy']}")
+        if summary.get("ranking"):
+            print(f"ranking:      {summary['outputs']['ranking']}")
         print(f"summary:      {summary['outputs']['summary']}")
+
+
+def command_rank(args, progress: Progress) -> None:
+    from .pipeline import RunOptions, run
+
+    options = RunOptions(**{k: v for k, v in vars(args).items() if k in RunOptions.__dataclass_fields__})
+    summary = run(options, progress)
+    if args.progress != "json":
+        from .ranking import ranking_table
+
+        print(ranking_table(summary["ranking"]))
+        print(f"ranking: {summary['outputs']['ranking']}\n         {summary['outputs']['ranking_csv']}")
+
+
+def command_demo(args, progress: Progress) -> None:
+    from .demo import run_demo
+
+    run_demo(args.out, args.device, args.overwrite, progress)
+
+
+def command_sites(args, progress: Progress) -> None:
+    from .sampledata import describe_sites
+
+    print(describe_sites())
+
+
+def command_simulate(args, progress: Progress) -> None:
+    from .sampledata import site, write_case
+    from .training import case_seed
+
+    scanner = site(args.site)
+    first = args.seed if args.seed is not None else case_seed(args.site, 0, "test")
+    for seed in range(first, first + args.count):
+        image, labels = write_case(scanner, seed, args.out)
+        print(f"{image}\n{labels}")
+
+
+def command_train(args, progress: Progress) -> None:
+    from .training import TrainingConfig, train_site_models
+
+    config = TrainingConfig(
+        features=args.features, channel_dropout=args.channel_dropout, base_cases=args.base_cases,
+        site_cases=args.site_cases, base_steps=args.base_steps, site_steps=args.site_steps,
+        batch_size=args.batch_size, patch_size=args.patch_size, seed=args.seed,
+        **({"sites": tuple(args.sites)} if args.sites else {}),
+    )
+    config.check()
+    progress.plan([("base", config.base_steps)] + [(site, config.site_steps) for site in config.sites])
+
+    def on_step(stage: str, step: int, total: int, loss: float) -> None:
+        if progress.stage_name != stage:
+            progress.stage(stage, f"training {stage}")
+        progress.update(step / max(total, 1), f"training {stage}: step {step}/{total}, loss {loss:.3f}")
+
+    report = train_site_models(args.out, config, on_step, log=lambda message: progress.note(message, "info"))
+    progress.done({f"model_{p.stem}": str(p) for p in report.models})
+    if args.progress != "json":
+        for site, score in report.validation.items():
+            print(f"{site}: {args.out / (site + '.json')} (validation Dice on its own site {score:.3f})")
 
 
 def command_fetch_weights(args, progress: Progress) -> None:

@@ -266,4 +266,5 @@ def save_site_model(network: torch.nn.Module, card: ModelCard, folder: str | Pat
     weights = folder / f"{stem}.safetensors"
     state = {key: value.detach().cpu().contiguous() for key, value in network.state_dict().items()}
     save_file(state, str(weights))
+    weights.chmod(0o644)  # safetensors writes owner-only files; models are meant to be shared
     return replace(card, weights=weights.name).save(folder / f"{stem}.json")

@@ -30,6 +30,7 @@ from .inference import (
 )
 from .merging import (
     STATISTICS,
+    softmax_coefficients,
     AdaptiveSettings,
     MergePlan,
     Probe,
@@ -42,11 +43,13 @@ from .merging import (
     site_scores,
 )
 from .entropy import probe_statistics
+from .entropy import predicted_labels
 from .metrics import evaluate
+from .ranking import LabelSource, Taps, find_taps, rank_models, scribble_labels, tapped_pass
 from .modelcard import InferenceSettings
 from .models import SiteModel, check_compatible, expand_model_paths, load_site_models
 from .outputs import OutputFolder, safe_file_stem
-from .preprocessing import ModelSpaceImage, to_model_space
+from .preprocessing import ModelSpaceImage, labels_to_model_space, to_model_space
 from .progress import Progress
 from .volume import Volume, read_label_map, read_volume
 
@@ -78,6 +81,11 @@ class RunOptions:
     no_feature_cache: bool = False
     reference: Path | None = None
     per_model: bool = False
+    rank: bool = False
+    scribbles: Path | None = None
+    unlabelled_value: int = 255
+    seed: int = 0
+    segment: bool = True  # False: rank only (the merged model runs only when its prediction is the label source)
     device: str = "auto"
     roi_size: tuple[int, int, int] | None = None
     overlap: float | None = None
@@ -215,27 +223,50 @@ def load_case(options: RunOptions, progress: Progress, timings: Timings) -> Case
                 InferenceReport(str(device), []))
 
 
-def site_probe_outputs(case: Case, probe: Probe, progress: Progress) -> list[torch.Tensor]:
-    """Forward passes of every site model on the probe (the only passes the K models make)."""
-    outputs = []
+def site_probe_outputs(case: Case, probe: Probe, progress: Progress, taps: Taps | None = None):
+    """Forward passes of every site model on the probe (the only passes the K models make).
+
+    Returns the softmax outputs, and with ``taps`` also each model's tapped features (for ranking).
+    """
+    outputs, tapped = [], []
     batch = probe_batch_size(probe, case.settings.roi_size)
     for index, model in enumerate(case.models):
         progress.update(index / len(case.models), f"probe pass: {model.name}")
-        outputs.append(probe_probabilities(model.network, probe, case.device, batch))
-    return outputs
+        if taps is None:
+            outputs.append(probe_probabilities(model.network, probe, case.device, batch))
+        else:
+            tapped.append(tapped_pass(model.network, probe.patches, taps, case.device, batch))
+            outputs.append(tapped[-1].probabilities)
+    return outputs, (tapped if taps is not None else None)
 
 
-def plan_merge(case: Case, options: RunOptions, progress: Progress, timings: Timings) -> tuple[MergePlan, list[torch.Tensor] | None]:
-    """The merge coefficients for ``options.method``; returns the plan and the site models' probe outputs."""
+@dataclass
+class ProbeRun:
+    """The probe and the site models' passes over it, shared by merging and ranking."""
+
+    probe: Probe
+    outputs: list[torch.Tensor]
+    tapped: list | None = None
+
+
+def run_probe(case: Case, options: RunOptions, progress: Progress, timings: Timings) -> ProbeRun:
+    progress.stage("probe", f"probe passes of {len(case.models)} site models")
+    with timings.measure("probe"):
+        probe = select_probe(case.inputs, options.probe_size or default_probe_size(case.settings.roi_size),
+                             options.probe_patches, options.probe)
+        for note in probe.notes:
+            progress.note(note)
+        taps = find_taps(case.models[0], probe.patches[:1]) if options.rank else None
+        outputs, tapped = site_probe_outputs(case, probe, progress, taps)
+    return ProbeRun(probe, outputs, tapped)
+
+
+def plan_merge(case: Case, options: RunOptions, progress: Progress, timings: Timings) -> tuple[MergePlan, ProbeRun | None]:
+    """The merge coefficients for ``options.method``; returns the plan and the probe passes (if any)."""
     models = case.models
+    probe_run = run_probe(case, options, progress, timings) if options.method in ("adaptive", "select") or options.rank else None
     if options.method in ("adaptive", "select"):
-        progress.stage("probe", f"probe passes of {len(models)} site models")
-        with timings.measure("probe"):
-            probe = select_probe(case.inputs, options.probe_size or default_probe_size(case.settings.roi_size),
-                                 options.probe_patches, options.probe)
-            for note in probe.notes:
-                progress.note(note)
-            outputs = site_probe_outputs(case, probe, progress)
+        probe, outputs = probe_run.probe, probe_run.outputs
         progress.stage("merge", "computing merge coefficients")
         with timings.measure("merge"):
             if options.method == "adaptive":
@@ -248,13 +279,13 @@ def plan_merge(case: Case, options: RunOptions, progress: Progress, timings: Tim
                 plan = MergePlan("select", one_hot(chosen, len(models)), details={
                     "statistics": stats, "scores": scores, "statistic": options.statistic,
                     "selected": models[chosen].name, "probe": probe.describe()})
-        return plan, outputs
+        return plan, probe_run
     progress.stage("merge", f"merging {len(models)} model(s): {options.method}")
     if options.method == "mean":
-        return MergePlan("mean", mean_coefficients(models)), None
+        return MergePlan("mean", mean_coefficients(models)), probe_run
     if options.method == "single":
-        return MergePlan("single", one_hot(single_model_index(models, options.single_model), len(models))), None
-    return MergePlan(options.method, None), None  # ensemble and oracle run every model in full
+        return MergePlan("single", one_hot(single_model_index(models, options.single_model), len(models))), probe_run
+    return MergePlan(options.method, None), probe_run  # ensemble and oracle run every model in full
 
 
 def default_probe_size(roi_size) -> tuple[int, int, int]:
@@ -280,18 +311,22 @@ def run(options: RunOptions, progress: Progress | None = None) -> dict:
     """Segment ``options.volume`` with the site models combined by ``options.method``; returns the summary."""
     progress = progress or Progress()
     validate_options(options)
+    if options.scribbles and not options.rank:
+        options = replace(options, rank=True)  # scribbles are only used to rank
     if options.out is None:
         raise UserInputError("an output folder (--out) is needed")
     output = OutputFolder(options.out, options.overwrite, _inputs_of(options), options.volume_format)
     timings = Timings()
-    runs_every_model = options.method in ("ensemble", "oracle") or options.per_model
+    runs_every_model = options.method in ("ensemble", "oracle") or options.per_model or (options.rank and options.reference)
     progress.plan([("load", 1), ("preprocess", 1), ("features", 2), ("probe", 2), ("merge", 1),
-                   ("inference", 6), ("site models", 6 * len(options.models) if runs_every_model else 0),
-                   ("evaluate", 1 if options.reference else 0), ("write", 1)])
+                   ("site models", 6 * len(options.models) if runs_every_model else 0), ("inference", 6),
+                   ("evaluate", 1 if options.reference else 0), ("rank", 2 if options.rank else 0), ("write", 1)])
     try:
         case = load_case(options, progress, timings)
         models = case.models
-        plan, _ = plan_merge(case, options, progress, timings)
+        if options.rank and len(models) < 2:
+            raise UserInputError(f"--rank needs at least two models; {len(models)} given")
+        plan, probe_run = plan_merge(case, options, progress, timings)
         per_model: dict[str, dict] = {}
         if runs_every_model:
             ensemble_sum, oracle_best = _run_every_model(case, options, output, per_model, progress, timings)
@@ -300,34 +335,78 @@ def run(options: RunOptions, progress: Progress | None = None) -> dict:
             elif options.method == "oracle":
                 plan = MergePlan("oracle", one_hot(oracle_best, len(models)), details={"selected": models[oracle_best].name})
 
-        progress.stage("inference", f"segmenting on {describe_device(case.device)}")
-        with timings.measure("inference"):
-            if options.method == "ensemble":
-                probabilities = ensemble_sum / len(models)
-            else:
-                network = plan.network(models)
-                probabilities = case.probabilities(network, lambda f: progress.update(f, "segmenting"))
-            segmentation = case.segment(probabilities, options.probabilities)
-            del probabilities
-        for note in case.report.notes:
-            progress.note(note)
-
-        evaluation = None
-        if case.reference is not None:
+        segmentation, evaluation, pseudo_labels = None, None, None
+        if options.segment or not (options.reference or options.scribbles):
+            progress.stage("inference", f"segmenting on {describe_device(case.device)}")
+            with timings.measure("inference"):
+                if options.method == "ensemble":
+                    probabilities = ensemble_sum / len(models)
+                else:
+                    network = plan.network(models)
+                    probabilities = case.probabilities(network, lambda f: progress.update(f, "segmenting"))
+                segmentation = case.segment(probabilities, options.probabilities)
+                pseudo_labels = predicted_labels(probabilities, dim=0).numpy() if options.rank else None
+                del probabilities
+            for note in case.report.notes:
+                progress.note(note)
+        if case.reference is not None and segmentation is not None:
             progress.stage("evaluate", "comparing with the reference segmentation")
             with timings.measure("evaluate"):
                 evaluation = case.evaluate(segmentation.labels)
 
+        ranking = None
+        if options.rank:
+            progress.stage("rank", "ranking the site models")
+            with timings.measure("rank"):
+                ranking = rank_case(case, options, probe_run, plan, pseudo_labels, per_model)
+            output.json("ranking", "ranking.json", ranking.to_json())
+            output.text("ranking_csv", "ranking.csv", ranking.to_csv())
+
         progress.stage("write", "writing the outputs")
         with timings.measure("write"):
-            write_segmentation(output, "", segmentation, case)
+            if options.segment:
+                write_segmentation(output, "", segmentation, case)
         summary = build_summary(options, case, plan, timings, progress, evaluation, per_model)
+        summary["ranking"] = ranking.to_json() if ranking else None
         outputs = output.commit(summary)
     except BaseException:
         output.abort()
         raise
     progress.done(outputs)
     return dict(summary, outputs=outputs)
+
+
+def label_source(case: Case, options: RunOptions, pseudo_labels: np.ndarray | None) -> LabelSource:
+    """The labels the ranking trusts most: reference, then scribbles, then the merged prediction."""
+    if options.scribbles:
+        scribbles = read_label_map(options.scribbles, case.volume.geometry, "scribbles", allow_negative=True)
+        values = scribble_labels(scribbles, len(case.labels), options.unlabelled_value, options.scribbles)
+        in_model_space = labels_to_model_space(Volume(values, scribbles.geometry), case.image).numpy()
+        return LabelSource("scribbles", in_model_space, f"scribbles {options.scribbles} (unlabelled = {options.unlabelled_value})")
+    if case.reference is not None:
+        return LabelSource("reference", labels_to_model_space(case.reference, case.image).numpy(), f"reference {options.reference}")
+    if pseudo_labels is None:
+        raise UserInputError("ranking needs labels: a reference, scribbles, or the merged prediction")
+    return LabelSource("pseudo-label", pseudo_labels.astype(np.int64), "the merged model's own prediction (pseudo-label)")
+
+
+def rank_case(case: Case, options: RunOptions, probe_run: ProbeRun, plan: MergePlan, pseudo_labels, per_model: dict):
+    """Rank the site models on this case, reusing the run's probe passes and per-model results."""
+    source = label_source(case, options, pseudo_labels)
+    stats = probe_statistics(probe_run.outputs)
+    true_dice = None
+    if case.reference is not None:
+        true_dice = []
+        for model in case.models:
+            entry = per_model.get(model.name, {})
+            if "evaluation" not in entry:
+                entry["evaluation"] = case.evaluate(case.segment(case.probabilities(model.network)).labels)
+                per_model[model.name] = entry
+            true_dice.append(entry["evaluation"]["mean_dice"] or 0.0)
+    alpha = plan.body.tolist() if plan.method == "adaptive" and plan.body is not None else softmax_coefficients(
+        site_scores(stats, options.statistic), options.temperature).tolist()
+    return rank_models(case.models, case.inputs, probe_run.probe, source, case.device, probe_run.tapped,
+                       entropy=stats["foreground_entropy"], alpha=alpha, true_dice=true_dice, seed=options.seed)
 
 
 def _run_every_model(case: Case, options: RunOptions, output: OutputFolder, per_model: dict, progress: Progress, timings: Timings):

@@ -64,3 +64,16 @@ def to_input_grid(data: torch.Tensor, image: ModelSpaceImage, mode: str = "bilin
         spatial_size=image.input_geometry.shape,
     )
     return torch.as_tensor(resampled)
+
+
+def labels_to_model_space(labels: Volume, image: ModelSpaceImage, outside: int = -1) -> torch.Tensor:
+    """A label map on the input grid, resampled (nearest) onto the model-space grid of ``image``:
+    (X, Y, Z) int64. Model-space voxels beyond the input volume get ``outside`` (unknown)."""
+    values = torch.from_numpy(labels.array.astype(np.float32))
+    if image.on_input_grid:
+        return values.round().long()
+    # Shifted so that the resampler's zero padding lands on ``outside`` when shifted back.
+    shifted = MetaTensor(values[None] - outside, affine=torch.as_tensor(labels.geometry.affine_ras, dtype=torch.float64))
+    resampled = SpatialResample(mode="nearest", padding_mode="zeros", dtype=torch.float32)(
+        shifted, dst_affine=image.tensor.affine, spatial_size=tuple(image.tensor.shape[1:]))
+    return torch.as_tensor(resampled)[0].round().long() + outside

@@ -233,7 +233,7 @@ def write_volume(array: np.ndarray, geometry: Geometry, path: str | os.PathLike)
     return path
 
 
-def read_label_map(path: str | os.PathLike, geometry: Geometry, what: str = "reference segmentation") -> Volume:
+def read_label_map(path: str | os.PathLike, geometry: Geometry, what: str = "reference segmentation", allow_negative: bool = False) -> Volume:
     """Read an integer label map that must lie on ``geometry`` (the target volume's grid)."""
     volume = read_volume(path, what)
     if not volume.geometry.matches(geometry):
@@ -242,10 +242,9 @@ def read_label_map(path: str | os.PathLike, geometry: Geometry, what: str = "ref
             f"the volume has {geometry.describe()}"
         )
     values = volume.array
-    if values.dtype.kind == "f":
-        if not np.array_equal(values, np.round(values)) or values.min() < 0:
-            raise UserInputError(f"{what} {path} holds non-integer or negative values; a label map is needed")
-    elif values.size and values.min() < 0:
+    if values.dtype.kind == "f" and not np.array_equal(values, np.round(values)):
+        raise UserInputError(f"{what} {path} holds non-integer values; a label map is needed")
+    if not allow_negative and values.size and values.min() < 0:
         raise UserInputError(f"{what} {path} holds negative values; a label map is needed")
     volume.array = values.astype(np.int64)
     return volume

@@ -1,0 +1,170 @@
+"""Every merge method and baseline on one prepared case, side by side (the demo and the benchmarks).
+
+Work the methods share (reading, preprocessing, stable features, the probe passes of the K site
+models) is done once; each method's wall time is reported as if it ran alone: its own stages plus
+the probe it needs, excluding the shared reading and feature stages.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .entropy import probe_statistics
+from .inference import Segmentation
+from .merging import (
+    AdaptiveSettings,
+    MergePlan,
+    adaptive_plan,
+    mean_coefficients,
+    one_hot,
+    probe_batch_size,
+    select_probe,
+    site_scores,
+)
+from .pipeline import Case, default_probe_size, site_probe_outputs
+from .progress import Progress
+
+
+@dataclass
+class MethodResult:
+    key: str  # e.g. "site:riverside-t1", "mean", "adaptive", "adaptive-coupled", "ensemble", "select", "oracle"
+    label: str  # how the table shows it
+    segmentation: Segmentation
+    seconds: float
+    evaluation: dict | None = None
+    coefficients: dict | None = None
+
+    @property
+    def mean_dice(self) -> float | None:
+        return self.evaluation["mean_dice"] if self.evaluation else None
+
+
+@dataclass
+class Comparison:
+    results: list[MethodResult] = field(default_factory=list)
+    statistics: dict | None = None
+    probe: dict | None = None
+    shared_seconds: dict = field(default_factory=dict)
+
+    def get(self, key: str) -> MethodResult:
+        return next(r for r in self.results if r.key == key)
+
+
+def _timed(function):
+    start = time.perf_counter()
+    value = function()
+    return value, time.perf_counter() - start
+
+
+def compare_methods(
+    case: Case,
+    settings: AdaptiveSettings = AdaptiveSettings(),
+    probe_patches: int = 8,
+    probe_size=None,
+    progress: Progress | None = None,
+    variants: dict[str, AdaptiveSettings] | None = None,
+) -> Comparison:
+    """Run each site model alone, the mean merge, the entropy-adaptive merge with and without a
+    decoupled head, the ensemble, the entropy-selected model and (with a reference) the oracle.
+    ``variants`` adds more adaptive merges (other statistics or temperatures) on the same probe."""
+    progress = progress or Progress()
+    models = case.models
+    names = [m.name for m in models]
+    comparison = Comparison()
+
+    def named(values):
+        return {n: round(float(v), 6) for n, v in zip(names, values)}
+
+    def finish(key, label, probabilities, seconds, coefficients=None):
+        segmentation = case.segment(probabilities)
+        comparison.results.append(MethodResult(key, label, segmentation, seconds, case.evaluate(segmentation.labels), coefficients))
+
+    progress.update(0.0, "probe passes")
+    probe, probe_seconds = _timed(lambda: select_probe(case.inputs, probe_size or default_probe_size(case.settings.roi_size), probe_patches))
+    (outputs, _), pass_seconds = _timed(lambda: site_probe_outputs(case, probe, Progress()))
+    probe_seconds += pass_seconds
+    comparison.probe = probe.describe()
+    comparison.statistics = {k: named(v) for k, v in probe_statistics(outputs).items()}
+    batch = probe_batch_size(probe, case.settings.roi_size)
+
+    site_seconds, ensemble_sum = [], None
+    for index, model in enumerate(models):
+        progress.update((index + 0.5) / (len(models) + 4), f"site model {model.name}")
+        probabilities, seconds = _timed(lambda: case.probabilities(model.network))
+        ensemble_sum = probabilities if ensemble_sum is None else ensemble_sum + probabilities
+        site_seconds.append(seconds)
+        finish(f"site:{model.name}", f"site model {model.name}", probabilities, seconds, named(one_hot(index, len(models))))
+    finish("ensemble", f"ensemble (mean of {len(models)} softmax outputs)", ensemble_sum / len(models), sum(site_seconds))
+    del ensemble_sum
+
+    def merged(plan_function, key, label):
+        plan, plan_seconds = _timed(plan_function)
+        network, merge_seconds = _timed(lambda: plan.network(models))
+        probabilities, seconds = _timed(lambda: case.probabilities(network))
+        coefficients = {"body": named(plan.body)}
+        if plan.head is not None:
+            coefficients["head"] = named(plan.head)
+        finish(key, label, probabilities, plan_seconds + merge_seconds + seconds + (probe_seconds if key.startswith("adaptive") else 0),
+               coefficients)
+
+    progress.update((len(models) + 1) / (len(models) + 4), "mean merge")
+    merged(lambda: MergePlan("mean", mean_coefficients(models)), "mean", "mean merge (uniform weights)")
+    progress.update((len(models) + 2) / (len(models) + 4), "entropy-adaptive merge")
+    merged(lambda: adaptive_plan(models, probe, outputs, settings, case.device, batch), "adaptive",
+           "entropy-adaptive merge (decoupled head)")
+    coupled = AdaptiveSettings(**{**settings.__dict__, "decouple_head": False})
+    merged(lambda: adaptive_plan(models, probe, outputs, coupled, case.device, batch), "adaptive-coupled",
+           "entropy-adaptive merge (head not decoupled)")
+
+    for name, variant in (variants or {}).items():
+        merged(lambda variant=variant: adaptive_plan(models, probe, outputs, variant, case.device, batch), f"adaptive:{name}",
+               f"entropy-adaptive merge [{name}]")
+
+    scores = site_scores(probe_statistics(outputs), settings.statistic)
+    chosen = int(np.argmin(scores))
+    chosen_result = comparison.get(f"site:{names[chosen]}")
+    comparison.results.append(MethodResult("select", f"entropy-selected model ({names[chosen]})", chosen_result.segmentation,
+                                           probe_seconds + site_seconds[chosen], chosen_result.evaluation, named(one_hot(chosen, len(models)))))
+    if case.reference is not None:
+        singles = [comparison.get(f"site:{n}") for n in names]
+        best = max(range(len(models)), key=lambda i: singles[i].mean_dice or 0.0)
+        comparison.results.append(MethodResult("oracle", f"oracle best single ({names[best]})", singles[best].segmentation,
+                                               site_seconds[best], singles[best].evaluation, named(one_hot(best, len(models)))))
+    progress.update(1.0, "methods compared")
+    return comparison
+
+
+def comparison_table(comparison: Comparison, case: Case) -> str:
+    """A plain-text table: Dice per class, mean Dice, mean HD95 (mm) and wall time of each method."""
+    classes = [label.name for label in case.labels[1:]]
+    header = ["method", *[f"Dice {c}" for c in classes], "mean Dice", "HD95 mm", "time s"]
+    rows = []
+    for result in comparison.results:
+        evaluation = result.evaluation or {}
+        per_class = evaluation.get("per_class", {})
+        cells = [result.label]
+        for name in classes:
+            value = per_class.get(name, {}).get("dice")
+            cells.append("-" if value is None else f"{value:.3f}")
+        mean = evaluation.get("mean_dice")
+        hd = evaluation.get("mean_hd95_mm")
+        cells += ["-" if mean is None else f"{mean:.3f}", "-" if hd is None else f"{hd:.1f}", f"{result.seconds:.2f}"]
+        rows.append(cells)
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def comparison_summary(comparison: Comparison) -> dict:
+    return {
+        "probe": comparison.probe,
+        "probe_statistics": comparison.statistics,
+        "methods": [
+            {"key": r.key, "label": r.label, "seconds": round(r.seconds, 3), "coefficients": r.coefficients, "evaluation": r.evaluation}
+            for r in comparison.results
+        ],
+    }
+

@@ -1,0 +1,77 @@
+"""Pictures of volumes and segmentations, in radiological views with true proportions (matplotlib)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import nibabel.orientations as orientations  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
+
+from .modelcard import Label  # noqa: E402
+from .volume import Geometry  # noqa: E402
+
+VIEWS = ("axial", "coronal", "sagittal")
+ENTROPY_COLORMAP = "magma"
+ENTROPY_LABEL = "normalised entropy (0 certain, 1 uniform)"
+
+
+@dataclass
+class CanonicalVolume:
+    """An array reordered to RAS axes (x: left->right, y: posterior->anterior, z: inferior->superior)."""
+
+    array: np.ndarray
+    spacing: tuple[float, float, float]
+
+    def slice(self, view: str, index: int | None = None) -> tuple[np.ndarray, float]:
+        """The 2D slice to show with ``imshow(origin="lower")`` and its aspect ratio (height/width per pixel)."""
+        axis = {"axial": 2, "coronal": 1, "sagittal": 0}[view]
+        index = self.array.shape[axis] // 2 if index is None else index
+        # Flipping the first in-plane axis puts the patient's right (axial, coronal) and front
+        # (sagittal) on the left of the screen, as radiology viewers and 3D Slicer show them.
+        plane = np.take(self.array, index, axis=axis)[::-1, :]
+        horizontal, vertical = [s for a, s in enumerate(self.spacing) if a != axis]
+        return plane.T, vertical / horizontal
+
+
+def canonical(array: np.ndarray, geometry: Geometry) -> CanonicalVolume:
+    """Reorder and flip the voxel axes of an (i, j, k) array to the closest RAS axes."""
+    order = orientations.io_orientation(geometry.affine_ras)  # row i: (RAS axis of voxel axis i, flip)
+    spacing = [0.0] * 3
+    for source, (target, _) in enumerate(order):
+        spacing[int(target)] = float(geometry.spacing[source])
+    return CanonicalVolume(orientations.apply_orientation(array, order), tuple(spacing))
+
+
+def label_colormap(labels: tuple[Label, ...]) -> ListedColormap:
+    colors = [(0, 0, 0, 0)] + [(*label.rgb, 0.55) for label in labels[1:]]
+    return ListedColormap(colors)
+
+
+def busiest_slice(labels: CanonicalVolume, view: str = "axial") -> int:
+    """The slice with the most foreground (so the figure shows the structures)."""
+    axis = {"axial": 2, "coronal": 1, "sagittal": 0}[view]
+    counts = (labels.array > 0).sum(axis=tuple(a for a in range(3) if a != axis))
+    return int(np.argmax(counts)) if counts.any() else labels.array.shape[axis] // 2
+
+
+def show_image(axes, image: CanonicalVolume, view: str, index: int, window: tuple[float, float]):
+    plane, aspect = image.slice(view, index)
+    axes.imshow(plane, cmap="gray", origin="lower", aspect=aspect, vmin=window[0], vmax=window[1], interpolation="bilinear")
+    axes.set_xticks([])
+    axes.set_yticks([])
+
+
+def show_labels(axes, labels: CanonicalVolume, view: str, index: int, label_info: tuple[Label, ...]):
+    plane, aspect = labels.slice(view, index)
+    axes.imshow(np.ma.masked_equal(plane, 0), cmap=label_colormap(label_info), origin="lower", aspect=aspect,
+                vmin=0, vmax=len(label_info) - 1, interpolation="nearest")
+
+
+def intensity_window(array: np.ndarray) -> tuple[float, float]:
+    low, high = np.percentile(array[:: max(1, array.size // 200_000)], [1, 99])
+    return float(low), float(high if high > low else low + 1)

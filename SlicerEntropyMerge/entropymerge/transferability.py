@@ -1,0 +1,223 @@
+"""Training-free transferability: which site model's features fit this target's labels.
+
+Scores (METHODS.md section 4), computed from features hooked inside each model at sampled voxels:
+
+- GRTD (global representation topology divergence): on the minimum spanning tree of the sampled
+  voxels' feature distances, for each class c the share of the MST weight around c that is not
+  explained by label changes, delta_c = (sum w_f - sum w_sem) / sum w_f, with w_sem = 0 within a
+  label and min(w_f, lambda) across labels (lambda = median distance). delta_c approaches 1 when
+  the classes form separate clusters (few, long bridges between them) and drops as they mix, so
+  GRTD = mean_c delta_c, higher is better. (METHODS.md writes the score as -mean delta; with the
+  definitions above that would rank perfectly separating features last, so the sign is flipped.)
+- LBTC (local boundary-aware topological consistency): around boundary voxels of each class, the
+  fraction rho of local-MST edges (anchor + k nearest feature neighbours) joining different labels;
+  LBTC = clip(1 - mean rho, 0, 1).
+- Fusion: a = tanh(log|C_fg| / 2); S = a * GRTD_n + (1 - a) * LBTC_n after min-max normalisation
+  across the candidate models.
+- LogME (You et al., ICML 2021) as a baseline: the log marginal evidence of a Bayesian linear model
+  from features to one-hot labels, per voxel.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+from scipy.sparse.csgraph import minimum_spanning_tree
+from scipy.spatial import cKDTree
+from scipy.spatial.distance import cdist
+from scipy.stats import weightedtau
+
+FOREGROUND_BUDGET = 256
+BACKGROUND_BUDGET = 2560
+MST_CAP = 800
+ANCHORS = 50
+NEIGHBOURS = 16
+UNLABELLED = -1
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+
+
+@dataclass
+class VoxelSample:
+    """Flat indices into a label array and their labels; anchors are boundary voxels (subset-free)."""
+
+    indices: np.ndarray
+    labels: np.ndarray
+    anchor_indices: np.ndarray
+    anchor_labels: np.ndarray
+
+
+def sample_voxels(
+    labels: np.ndarray,
+    rng: np.random.Generator,
+    foreground_budget: int = FOREGROUND_BUDGET,
+    background_budget: int = BACKGROUND_BUDGET,
+    anchors: int = ANCHORS,
+    minimum_per_class: int = 16,
+) -> VoxelSample:
+    """Sample labelled voxels of an integer label array (any shape; ``UNLABELLED`` voxels are never drawn).
+
+    The foreground budget is split over the classes by voxel count, with at least
+    ``minimum_per_class`` (or all) voxels of each so small structures keep a voice; background
+    (label 0) gets its own budget. Anchors: voxels on the boundary of each foreground class (the
+    mask minus its 6-connected erosion), drawn across classes.
+    """
+    flat = labels.reshape(-1)
+    classes = [c for c in np.unique(flat) if c > 0]
+    counts = {c: int((flat == c).sum()) for c in classes}
+    total = sum(counts.values())
+    chosen_indices, chosen_labels = [], []
+    for c in classes:
+        where = np.flatnonzero(flat == c)
+        wanted = max(min(minimum_per_class, len(where)), int(round(foreground_budget * counts[c] / total)))
+        picked = rng.choice(where, size=min(wanted, len(where)), replace=False)
+        chosen_indices.append(picked)
+        chosen_labels.append(np.full(len(picked), c))
+    background = np.flatnonzero(flat == 0)
+    if len(background):
+        picked = rng.choice(background, size=min(background_budget, len(background)), replace=False)
+        chosen_indices.append(picked)
+        chosen_labels.append(np.zeros(len(picked), dtype=int))
+    indices = np.concatenate(chosen_indices) if chosen_indices else np.zeros(0, dtype=int)
+    sampled_labels = np.concatenate(chosen_labels) if chosen_labels else np.zeros(0, dtype=int)
+
+    boundary = np.zeros(labels.shape, dtype=bool)
+    structure = ndimage.generate_binary_structure(labels.ndim, 1)
+    for c in classes:
+        mask = labels == c
+        boundary |= mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=1)
+    candidates = np.flatnonzero(boundary.reshape(-1))
+    anchor_indices = rng.choice(candidates, size=min(anchors, len(candidates)), replace=False) if len(candidates) else candidates
+    return VoxelSample(indices, sampled_labels.astype(int), anchor_indices, flat[anchor_indices].astype(int))
+
+
+def cap_per_class(labels: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
+    """Positions keeping at most ``cap`` points of each class."""
+    keep = []
+    for c in np.unique(labels):
+        where = np.flatnonzero(labels == c)
+        keep.append(rng.choice(where, size=min(cap, len(where)), replace=False) if len(where) > cap else where)
+    return np.sort(np.concatenate(keep))
+
+
+# ---------------------------------------------------------------------------------------------
+# Scores
+
+
+def grtd(features: np.ndarray, labels: np.ndarray, rng: np.random.Generator, cap: int = MST_CAP) -> tuple[float, dict]:
+    """GRTD of (N, F) features against (N,) labels; returns the score and delta per class."""
+    keep = cap_per_class(labels, cap, rng)
+    x, y = features[keep].astype(np.float64), labels[keep]
+    if len(np.unique(y)) < 2:
+        raise ValueError("GRTD needs at least two classes among the sampled voxels")
+    distances = cdist(x, x)
+    off_diagonal = distances[~np.eye(len(x), dtype=bool)]
+    scale = float(np.median(off_diagonal))
+    tree = minimum_spanning_tree(distances + 1e-12 * (distances == 0)).tocoo()  # zero distances would vanish as edges
+    weight = tree.data
+    cross = y[tree.row] != y[tree.col]
+    semantic = np.where(cross, np.minimum(weight, scale), 0.0)
+    deltas = {}
+    for c in np.unique(y):
+        touching = (y[tree.row] == c) | (y[tree.col] == c)
+        total = weight[touching].sum()
+        if total > 0:
+            deltas[int(c)] = float((total - semantic[touching].sum()) / total)
+    return float(np.mean(list(deltas.values()))), deltas
+
+
+def lbtc(features: np.ndarray, labels: np.ndarray, anchor_features: np.ndarray, anchor_labels: np.ndarray,
+         neighbours: int = NEIGHBOURS) -> float:
+    """LBTC: for each boundary anchor, its k nearest sampled points in feature space form a local
+    neighbourhood; neighbourhoods with one label are skipped; rho = share of local-MST edges that
+    join different labels. Returns clip(1 - mean rho, 0, 1); 1 when every neighbourhood is pure
+    (no label confusion anywhere along the boundaries)."""
+    tree = cKDTree(features)
+    k = min(neighbours, len(features))
+    _, nearest = tree.query(anchor_features, k=k)
+    nearest = np.atleast_2d(nearest)
+    fractions = []
+    for anchor, anchor_label, neighbourhood in zip(anchor_features, anchor_labels, nearest):
+        points = np.vstack([anchor[None], features[neighbourhood]])
+        point_labels = np.concatenate([[anchor_label], labels[neighbourhood]])
+        if len(np.unique(point_labels)) < 2:
+            continue
+        local = minimum_spanning_tree(cdist(points, points) + 1e-12).tocoo()
+        fractions.append(float(np.mean(point_labels[local.row] != point_labels[local.col])))
+    if not fractions:
+        return 1.0
+    return float(np.clip(1.0 - np.mean(fractions), 0.0, 1.0))
+
+
+def fusion_weight(foreground_classes: int) -> float:
+    """a = tanh(log|C_fg| / 2): more classes, more weight on the global score."""
+    return float(math.tanh(math.log(max(foreground_classes, 1)) / 2.0))
+
+
+def min_max(values) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float64)
+    span = values.max() - values.min()
+    return np.zeros_like(values) if not span > 0 else (values - values.min()) / span
+
+
+def fuse(grtd_scores, lbtc_scores, foreground_classes: int) -> np.ndarray:
+    """S = a * GRTD_n + (1 - a) * LBTC_n, normalised across the candidate models."""
+    a = fusion_weight(foreground_classes)
+    return a * min_max(grtd_scores) + (1 - a) * min_max(lbtc_scores)
+
+
+def logme(features: np.ndarray, labels: np.ndarray, iterations: int = 100, tolerance: float = 1e-3) -> float:
+    """LogME: mean over classes of the per-sample log evidence of y_c ~ F w + noise, w ~ N(0, 1/alpha),
+    noise ~ N(0, 1/beta), with alpha and beta at their evidence maximum (MacKay's fixed point)."""
+    f = features.astype(np.float64)
+    n, d = f.shape
+    u, s, _ = np.linalg.svd(f, full_matrices=False)
+    sigma = s ** 2
+    scores = []
+    for c in np.unique(labels):
+        y = (labels == c).astype(np.float64)
+        z = u.T @ y
+        outside = max(float(y @ y - z @ z), 0.0)  # the part of y no feature direction explains
+        alpha, beta = 1.0, 1.0
+        for _ in range(iterations):
+            shrink = alpha + beta * sigma
+            gamma = float((beta * sigma / shrink).sum())
+            m2 = float((beta ** 2 * sigma * z ** 2 / shrink ** 2).sum())
+            residual = float(((alpha * z / shrink) ** 2).sum()) + outside
+            new_alpha, new_beta = gamma / (m2 + 1e-12), (n - gamma) / (residual + 1e-12)
+            converged = abs(new_alpha - alpha) / alpha < tolerance and abs(new_beta - beta) / beta < tolerance
+            alpha, beta = new_alpha, new_beta
+            if converged:
+                break
+        shrink = alpha + beta * sigma
+        m2 = float((beta ** 2 * sigma * z ** 2 / shrink ** 2).sum())
+        residual = float(((alpha * z / shrink) ** 2).sum()) + outside
+        log_det = float(np.log(shrink).sum()) + (d - len(sigma)) * math.log(alpha)
+        evidence = (d / 2 * math.log(alpha) + n / 2 * math.log(beta) - n / 2 * math.log(2 * math.pi)
+                    - beta / 2 * residual - alpha / 2 * m2 - log_det / 2)
+        scores.append(evidence / n)
+    return float(np.mean(scores))
+
+
+def weighted_kendall_tau(scores, truth) -> float:
+    """Weighted Kendall tau between a score ranking and the true ranking, with hyperbolic weights
+    1 / (r + 1) on the true rank r (0 = best) and additive pair weights (scipy's weightedtau)."""
+    truth = np.asarray(truth, dtype=np.float64)
+    true_rank = np.argsort(np.argsort(-truth, kind="stable"), kind="stable")
+    return float(weightedtau(np.asarray(scores, dtype=np.float64), truth, rank=true_rank).statistic)
+
+
+@dataclass
+class ModelScores:
+    name: str
+    grtd: float
+    grtd_per_class: dict
+    lbtc: float
+    logme: float
+    fused: float = 0.0
+    extra: dict = field(default_factory=dict)

@@ -1,0 +1,237 @@
+"""Transferability ranking: the scores' behaviour, weighted Kendall tau by hand, taps, and the CLI."""
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from entropymerge.cli import main
+from entropymerge.models import load_site_model
+from entropymerge.ranking import features_at, find_taps
+from entropymerge.transferability import (
+    UNLABELLED,
+    fuse,
+    fusion_weight,
+    grtd,
+    lbtc,
+    logme,
+    sample_voxels,
+    weighted_kendall_tau,
+)
+from entropymerge.volume import Geometry, read_volume, write_volume
+from test_methods_cli import mind_models, sphere_case  # noqa: F401  (module-scoped fixtures)
+
+SIZES = (700, 150, 40, 20)
+
+
+def clustered_features(overlap: float, seed: int = 0):
+    """Four classes as Gaussian clusters whose centres shrink together as ``overlap`` goes 0 -> 1."""
+    rng = np.random.default_rng(seed)
+    labels = np.concatenate([np.full(n, c) for c, n in enumerate(SIZES)])
+    centres = rng.normal(0, 1, (4, 16)) * 4
+    features = (1 - overlap) * centres[labels] + rng.normal(0, 1, (len(labels), 16))
+    anchors = rng.choice(np.flatnonzero(labels > 0), 50, replace=False)
+    rest = np.setdiff1d(np.arange(len(labels)), anchors)
+    return features, labels, anchors, rest
+
+
+@pytest.mark.parametrize("score", ["grtd", "lbtc"])
+def test_scores_are_best_for_separated_classes_and_degrade_as_they_mix(score):
+    values = []
+    for overlap in (0.0, 0.4, 0.7, 1.0):
+        features, labels, anchors, rest = clustered_features(overlap)
+        if score == "grtd":
+            values.append(grtd(features, labels, np.random.default_rng(0))[0])
+        else:
+            values.append(lbtc(features[rest], labels[rest], features[anchors], labels[anchors]))
+    assert values[0] >= 0.9 and values[0] == max(values), values
+    assert all(a >= b for a, b in zip(values, values[1:])), f"{score} must not rise as classes mix: {values}"
+    assert values[-1] < values[0] - 0.3, f"{score} must fall clearly once the classes overlap: {values}"
+
+
+def test_grtd_reports_every_class_and_lbtc_is_one_for_pure_neighbourhoods():
+    features, labels, anchors, rest = clustered_features(0.0)
+    score, per_class = grtd(features, labels, np.random.default_rng(0))
+    assert set(per_class) == {0, 1, 2, 3} and score == pytest.approx(np.mean(list(per_class.values())))
+    separated = np.concatenate([np.zeros((40, 2)), np.full((40, 2), 100.0)]) + np.random.default_rng(1).normal(0, 0.1, (80, 2))
+    two = np.repeat([0, 1], 40)
+    assert lbtc(separated, two, separated[:3], two[:3], neighbours=5) == 1.0
+
+
+def test_logme_prefers_informative_features():
+    informative, labels, _, _ = clustered_features(0.0)
+    noise = np.random.default_rng(3).normal(0, 1, informative.shape)
+    assert logme(informative, labels) > logme(noise, labels) + 0.5
+
+
+@pytest.mark.parametrize("classes,expected", [(1, 0.0), (2, math.tanh(math.log(2) / 2)), (3, 0.5), (10, math.tanh(math.log(10) / 2))])
+def test_fusion_weight_follows_tanh_of_log_cardinality(classes, expected):
+    assert fusion_weight(classes) == pytest.approx(expected)
+
+
+def test_fusion_mixes_min_max_normalised_scores():
+    fused = fuse([0.2, 0.4, 0.6], [0.9, 0.5, 0.1], foreground_classes=3)  # a = 0.5
+    np.testing.assert_allclose(fused, [0.5, 0.5, 0.5])
+    np.testing.assert_allclose(fuse([0.2, 0.4, 0.6], [0.1, 0.2, 0.3], 1), [0.0, 0.5, 1.0])  # a = 0: LBTC only
+
+
+def test_weighted_kendall_tau_by_hand():
+    truth = [0.9, 0.8, 0.1]  # true ranks 0, 1, 2 -> weights 1, 1/2, 1/3; a pair weighs the sum of its two
+    assert weighted_kendall_tau([3, 2, 1], truth) == pytest.approx(1.0)
+    assert weighted_kendall_tau([1, 2, 3], truth) == pytest.approx(-1.0)
+    # swapping the top two: (-1.5 + 4/3 + 5/6) / (1.5 + 4/3 + 5/6) = 2/11
+    assert weighted_kendall_tau([2, 3, 1], truth) == pytest.approx(2 / 11)
+    # swapping the bottom two costs less: (1.5 + 4/3 - 5/6) / (11/3) = 6/11
+    assert weighted_kendall_tau([3, 1, 2], truth) == pytest.approx(6 / 11)
+
+
+def test_sampling_respects_budgets_classes_and_unlabelled_voxels():
+    labels = np.full((40, 40, 20), UNLABELLED)
+    labels[:30] = 0
+    labels[5:25, 5:25, 5:15] = 1
+    labels[10:12, 10:12, 8:10] = 2  # tiny structure: 8 voxels
+    sample = sample_voxels(labels, np.random.default_rng(0), foreground_budget=100, background_budget=500)
+    flat = labels.reshape(-1)
+    assert (flat[sample.indices] != UNLABELLED).all()
+    counts = {c: int((sample.labels == c).sum()) for c in (0, 1, 2)}
+    assert counts[0] == 500 and counts[2] == 8 and 90 <= counts[1] <= 110
+    anchors = np.stack(np.unravel_index(sample.anchor_indices, labels.shape), 1)
+    assert len(anchors) == 50 and all(labels[tuple(a)] in (1, 2) for a in anchors)
+    inner = np.zeros_like(labels, dtype=bool)
+    inner[6:24, 6:24, 6:14] = True
+    assert not any(inner[tuple(a)] and labels[tuple(a)] == 1 for a in anchors), "anchors lie on boundaries"
+    again = sample_voxels(labels, np.random.default_rng(0), foreground_budget=100, background_budget=500)
+    np.testing.assert_array_equal(again.indices, sample.indices)
+
+
+def test_features_at_reads_coarse_maps_at_full_resolution_positions():
+    ramp = torch.arange(8, dtype=torch.float32).view(1, 1, 8, 1, 1).expand(1, 1, 8, 8, 8).contiguous()  # value = x at half resolution
+    positions = np.array([[0, 0, 0, 0], [0, 15, 3, 3], [0, 8, 8, 8]])
+    values = features_at(ramp, positions, (16, 16, 16))[:, 0]
+    # full-resolution voxel x maps to coarse coordinate (x + 0.5) / 2 - 0.5
+    np.testing.assert_allclose(values, [0.0, 7.0, 3.75], atol=1e-5)
+
+
+def test_taps_on_a_monai_unet(model_factory):
+    model = load_site_model(model_factory("a"))
+    taps = find_taps(model, torch.rand(1, 1, 32, 32, 32))
+    assert taps.global_module == "model.2"
+    assert taps.local_module == "model.1.submodule.0"
+
+
+def test_taps_named_in_the_card(model_factory):
+    from dataclasses import replace
+
+    model = load_site_model(model_factory("a"))
+    model.card = replace(model.card, feature_taps={"global": "model.1", "local": "model.0"})
+    assert find_taps(model, torch.rand(1, 1, 32, 32, 32)).local_module == "model.0"
+    model.card = replace(model.card, feature_taps={"local": "encoder.7"})
+    with pytest.raises(Exception, match="feature tap 'local' names a module that does not exist: encoder.7"):
+        find_taps(model, torch.rand(1, 1, 32, 32, 32))
+
+
+def scribbles_from(labels_path, tmp_path, unlabelled=255):
+    """Two short strokes per class inside each structure (and the background) of the reference."""
+    labels = read_volume(labels_path)
+    scribbles = np.full(labels.geometry.shape, unlabelled, np.uint8)
+    for value in np.unique(labels.array):
+        where = np.argwhere(labels.array == value)
+        for start in where[np.random.default_rng(int(value)).choice(len(where), 2, replace=False)]:
+            for step in range(4):
+                point = tuple(np.minimum(start + [step, 0, 0], np.array(labels.geometry.shape) - 1))
+                if labels.array[point] == value:
+                    scribbles[point] = value
+    return write_volume(scribbles, labels.geometry, tmp_path / "scribbles.nii.gz")
+
+
+def run_rank(tmp_path, *args) -> tuple[int, dict | None]:
+    out = tmp_path / "rank"
+    code = main(["rank", *map(str, args), "--out", str(out), "--progress", "none"])
+    if code != 0:
+        return code, None
+    return code, json.loads((out / "ranking.json").read_text())
+
+
+def test_rank_with_a_reference_gives_the_table_and_kendall_tau(tmp_path, mind_models, sphere_case, capsys):
+    image, labels = sphere_case
+    code, ranking = run_rank(tmp_path, "--volume", image, "--model", mind_models, "--reference", labels)
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "ranking from reference" in printed and "weighted Kendall tau" in printed
+    assert ranking["label_source"] == "reference" and ranking["self_referenced"] is False
+    assert [row["rank"] for row in ranking["rows"]] == [1, 2, 3]
+    assert sorted(row["model"] for row in ranking["rows"]) == ["site0", "site1", "site2"]
+    fused = [row["fused"] for row in ranking["rows"]]
+    assert fused == sorted(fused, reverse=True)
+    for row in ranking["rows"]:
+        assert 0 <= row["grtd"] <= 1 and 0 <= row["lbtc"] <= 1 and 0 <= row["true_dice"] <= 1
+        assert row["alpha"] is not None and row["entropy"] is not None
+    assert set(ranking["weighted_kendall_tau"]) >= {"fused", "grtd", "lbtc", "logme", "alpha"}
+    rows = list(csv.DictReader((tmp_path / "rank" / "ranking.csv").open()))
+    assert [r["model"] for r in rows] == [r["model"] for r in ranking["rows"]]
+    assert not (tmp_path / "rank" / "segmentation.nii.gz").exists(), "rank writes the ranking, not a segmentation"
+
+
+def test_rank_from_scribbles_and_from_pseudo_labels(tmp_path, mind_models, sphere_case):
+    image, labels = sphere_case
+    scribbles = scribbles_from(labels, tmp_path)
+    code, ranking = run_rank(tmp_path / "s", "--volume", image, "--model", mind_models, "--scribbles", scribbles)
+    assert code == 0 and ranking["label_source"] == "scribbles" and ranking["weighted_kendall_tau"] is None
+    painted = read_volume(scribbles).array
+    assert set(ranking["samples"]["per_class"]) == {str(v) for v in np.unique(painted[painted != 255])}
+    # only painted voxels are sampled; nearest resampling from 2.5 mm slices to the 2 mm model grid may repeat some
+    assert ranking["samples"]["voxels"] <= 2 * int((painted != 255).sum())
+    code, ranking = run_rank(tmp_path / "p", "--volume", image, "--model", mind_models)
+    assert code == 0 and ranking["label_source"] == "pseudo-label" and ranking["self_referenced"] is True
+
+
+def test_run_rank_reuses_the_probe_passes(tmp_path, mind_models, sphere_case, monkeypatch):
+    import entropymerge.pipeline as pipeline
+    import entropymerge.ranking as ranking_module
+
+    calls = {"pipeline": 0, "ranking": 0}
+    original = ranking_module.tapped_pass
+
+    def counting(where):
+        def wrapper(*args, **kwargs):
+            calls[where] += 1
+            return original(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(pipeline, "tapped_pass", counting("pipeline"))
+    monkeypatch.setattr(ranking_module, "tapped_pass", counting("ranking"))
+    image, _ = sphere_case
+    code = main(["run", "--volume", str(image), "--model", str(mind_models), "--rank", "--out", str(tmp_path / "out"), "--progress", "none"])
+    assert code == 0
+    assert calls == {"pipeline": 3, "ranking": 0}, "one tapped probe pass per site model, none repeated by the ranking"
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["ranking"]["label_source"] == "pseudo-label"
+    assert [r["alpha"] for r in sorted(summary["ranking"]["rows"], key=lambda r: r["model"])] == pytest.approx(
+        list(summary["coefficients"]["body"].values()), abs=1e-5)
+
+
+def test_ranking_bad_inputs(tmp_path, mind_models, sphere_case, model_factory, capsys):
+    image, labels = sphere_case
+    one = sorted(mind_models.glob("*.json"))[0]
+    assert run_rank(tmp_path, "--volume", image, "--model", one)[0] == 2
+    assert "needs at least two models; 1 given" in capsys.readouterr().err
+    geometry = read_volume(labels).geometry
+    empty = write_volume(np.full(geometry.shape, 255, np.uint8), geometry, tmp_path / "empty.nii.gz")
+    assert run_rank(tmp_path, "--volume", image, "--model", mind_models, "--scribbles", empty)[0] == 2
+    assert "hold no painted voxels" in capsys.readouterr().err
+    one_class = np.full(geometry.shape, 255, np.uint8)
+    one_class[10, 10, 10] = 1
+    path = write_volume(one_class, geometry, tmp_path / "one.nii.gz")
+    assert run_rank(tmp_path, "--volume", image, "--model", mind_models, "--scribbles", path)[0] == 2
+    assert "paint at least two classes" in capsys.readouterr().err
+    other = write_volume(np.zeros((5, 5, 5), np.uint8), Geometry((5, 5, 5), (1, 1, 1), (0, 0, 0), ((1, 0, 0), (0, 1, 0), (0, 0, 1))), tmp_path / "o.nii.gz")
+    assert run_rank(tmp_path, "--volume", image, "--model", mind_models, "--scribbles", other)[0] == 2
+    assert "not on the target volume's grid" in capsys.readouterr().err
+    strange = np.full(geometry.shape, 255, np.uint8)
+    strange[5, 5, 5], strange[6, 6, 6] = 0, 9
+    path = write_volume(strange, geometry, tmp_path / "strange.nii.gz")
+    assert run_rank(tmp_path, "--volume", image, "--model", mind_models, "--scribbles", path)[0] == 2
+    assert "values [9] that are neither classes" in capsys.readouterr().err
