@@ -105,7 +105,8 @@ def _report(name: str, case: Case, comparison: Comparison) -> str:
 def demo_figure(rows, path: Path) -> Path:
     """Per target: the scan, ground truth, mean-merge and adaptive-merge overlays, and the adaptive entropy map."""
     columns = ["target", "ground truth", "mean merge", "entropy-adaptive merge", "adaptive: entropy"]
-    figure, axes = plt.subplots(len(rows), len(columns), figsize=(3.2 * len(columns), 3.4 * len(rows)), squeeze=False)
+    figure, axes = plt.subplots(len(rows), len(columns), figsize=(3.2 * len(columns), 3.6 * len(rows) + 0.8), squeeze=False,
+                                layout="constrained")
     for row, (name, case, comparison) in zip(axes, rows):
         geometry = case.volume.geometry
         image = canonical(case.volume.array.astype(np.float32), geometry)
@@ -134,9 +135,8 @@ def demo_figure(rows, path: Path) -> Path:
         bar = figure.colorbar(shown, ax=row[4], fraction=0.046, pad=0.04)
         bar.set_label(ENTROPY_LABEL, fontsize=8)
     handles = [plt.Rectangle((0, 0), 1, 1, color=label.rgb) for label in rows[0][1].labels[1:]]
-    figure.legend(handles, [label.name for label in rows[0][1].labels[1:]], loc="lower center", ncol=len(handles), frameon=False)
+    figure.legend(handles, [label.name for label in rows[0][1].labels[1:]], loc="outside lower center", ncol=len(handles), frameon=False)
     figure.suptitle("Unseen-site targets: ground truth vs the mean merge and the entropy-adaptive merge (axial, radiological view)", fontsize=12)
-    figure.tight_layout(rect=(0, 0.04, 1, 0.96))
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
