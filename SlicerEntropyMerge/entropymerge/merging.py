@@ -162,8 +162,16 @@ def select_probe(inputs: torch.Tensor, patch_size, max_patches: int = 4, mode: s
         remaining = [c for c in pool if c not in chosen]
         chosen.append(max(remaining, key=lambda c: (min(np.linalg.norm(np.subtract(c[1], o[1])) for o in chosen), c[0])))
     origins = [c[1] for c in chosen]
-    patches = torch.cat([inputs[:, :, x : x + size[0], y : y + size[1], z : z + size[2]] for x, y, z in origins])
-    return Probe(patches, origins, "patches", notes)
+    return Probe(crop_patches(inputs, origins, size), origins, "patches", notes)
+
+
+def crop_patches(inputs: torch.Tensor, origins, size) -> torch.Tensor:
+    """Patches of ``size`` at ``origins`` from (1, C, X, Y, Z) inputs, replicate-padded past the far edges: (P, C, *size)."""
+    spatial = inputs.shape[2:]
+    pads = [max(0, max(o[axis] for o in origins) + size[axis] - spatial[axis]) for axis in range(3)]
+    if any(pads):
+        inputs = torch.nn.functional.pad(inputs, [a for pad in reversed(pads) for a in (0, pad)], mode="replicate")
+    return torch.cat([inputs[:, :, x : x + size[0], y : y + size[1], z : z + size[2]] for x, y, z in origins])
 
 
 def _box_mean(integral: torch.Tensor, origin, size) -> float:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserInputError
-from .merging import Probe, detect_head, probe_batch_size
+from .merging import Probe, crop_patches, detect_head, probe_batch_size
 from .models import SiteModel
 from .transferability import UNLABELLED, fuse, fusion_weight, grtd, lbtc, logme, sample_voxels, weighted_kendall_tau
 from .volume import Volume
@@ -171,25 +171,15 @@ def label_probe(inputs: torch.Tensor, labels: np.ndarray, probe: Probe) -> Probe
     """The probe plus a patch around each labelled class it misses (scribbles are often outside it)."""
     covered = crop_probe_labels(labels, probe)
     size = probe.patches.shape[2:]
-    origins = list(probe.origins)
+    extra = []
     for value in np.unique(labels[labels != UNLABELLED]):
-        if (covered == value).any():
-            continue
-        centre = np.argwhere(labels == value).mean(axis=0).round().astype(int)
-        origin = tuple(int(np.clip(c - s // 2, 0, max(0, n - s))) for c, s, n in zip(centre, size, labels.shape))
-        origins.append(origin)
-    if len(origins) == len(probe.origins):
+        if not (covered == value).any():
+            centre = np.argwhere(labels == value).mean(axis=0).round().astype(int)
+            extra.append(tuple(int(np.clip(c - s // 2, 0, max(0, n - s))) for c, s, n in zip(centre, size, labels.shape)))
+    if not extra:
         return probe
-    extra = [_patch(inputs, origin, size) for origin in origins[len(probe.origins):]]
     notes = probe.notes + [f"{len(extra)} patch(es) added to the probe so every labelled class is sampled"]
-    return Probe(torch.cat([probe.patches, *extra]), origins, probe.mode, notes)
-
-
-def _patch(inputs: torch.Tensor, origin, size) -> torch.Tensor:
-    pads = [max(0, o + s - n) for o, s, n in zip(origin, size, inputs.shape[2:])]
-    padded = F.pad(inputs, [a for pad in reversed(pads) for a in (0, pad)], mode="replicate") if any(pads) else inputs
-    x, y, z = origin
-    return padded[:, :, x : x + size[0], y : y + size[1], z : z + size[2]]
+    return Probe(torch.cat([probe.patches, crop_patches(inputs, extra, size)]), probe.origins + extra, probe.mode, notes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,7 +237,7 @@ def ranking_table(data: dict) -> str:
 
 def rank_models(
     models: list[SiteModel],
-    inputs: torch.Tensor,
+    inputs: torch.Tensor | list[torch.Tensor],
     probe: Probe,
     source: LabelSource,
     device: torch.device,
@@ -257,12 +247,17 @@ def rank_models(
     true_dice: list[float] | None = None,
     seed: int = 0,
 ) -> Ranking:
-    """Score every model on the labelled voxels of the probe; ``tapped`` reuses passes already made."""
+    """Score every model on the labelled voxels of the probe; ``tapped`` reuses passes already made.
+
+    ``inputs`` is the model input (1, C_in, X, Y, Z) shared by all models, or one per model when
+    their stable-feature specs differ (same model space, same probe locations).
+    """
     if len(models) < 2:
         raise UserInputError(f"ranking needs at least two models; {len(models)} given")
     start = time.perf_counter()
     notes: list[str] = []
-    probe_for_labels = label_probe(inputs, source.labels, probe)
+    per_model_inputs = inputs if isinstance(inputs, list) else None
+    probe_for_labels = label_probe(per_model_inputs[0] if per_model_inputs else inputs, source.labels, probe)
     notes += probe_for_labels.notes[len(probe.notes):]
     patch_labels = crop_probe_labels(source.labels, probe_for_labels)
     rng = np.random.default_rng(seed)
@@ -274,12 +269,14 @@ def rank_models(
     anchor_positions = np.stack(np.unravel_index(sample.anchor_indices, shape), axis=1)
     batch = probe_batch_size(probe_for_labels, probe_for_labels.patches.shape[2:])
     foreground = len([c for c in np.unique(sample.labels) if c > 0])
-    taps = find_taps(models[0], probe_for_labels.patches[:1])  # compatible models share their layout
+    taps = find_taps(models[0], probe_for_labels.patches[:1])  # ranked models share one architecture
     scores = []
     for index, model in enumerate(models):
         outputs = tapped[index] if tapped is not None and len(probe_for_labels.origins) == len(probe.origins) else None
         if outputs is None:
-            outputs = tapped_pass(model.network, probe_for_labels.patches, taps, device, batch)
+            patches = probe_for_labels.patches if per_model_inputs is None else crop_patches(
+                per_model_inputs[index], probe_for_labels.origins, shape[1:])
+            outputs = tapped_pass(model.network, patches, taps, device, batch)
         global_features = features_at(outputs.global_features, positions, shape[1:])
         local_features = features_at(outputs.local_features, positions, shape[1:])
         local_anchors = features_at(outputs.local_features, anchor_positions, shape[1:])

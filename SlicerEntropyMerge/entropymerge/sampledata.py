@@ -278,6 +278,36 @@ def describe_sites() -> str:
     return "\n".join(rows)
 
 
+def simulate_scribbles(labels: Volume, seed: int, strokes: int = 3, length_mm: float = 12.0, unlabelled: int = 255) -> Volume:
+    """A few strokes per class, as an annotator would paint them on a reference label map.
+
+    For every label present (background included), ``strokes`` seeds are drawn from the class's
+    interior (the mask eroded by one voxel; background only within 15 mm of the structures); from
+    each, a straight line of ``length_mm`` runs in a random direction within the seed's slice
+    (constant k), keeping the voxels that stay inside the class. Everything else is ``unlabelled``.
+    """
+    rng = np.random.default_rng(seed)
+    values = labels.array
+    spacing = np.asarray(labels.geometry.spacing)
+    near = ndimage.distance_transform_edt(values == 0, sampling=spacing) < 15.0
+    scribbles = np.full(values.shape, unlabelled, np.uint8)
+    for value in np.unique(values):
+        mask = values == value
+        interior = ndimage.binary_erosion(mask) if mask.sum() > 27 else mask
+        if value == 0:
+            interior &= near
+        candidates = np.argwhere(interior if interior.any() else mask)
+        for start in candidates[rng.choice(len(candidates), size=min(strokes, len(candidates)), replace=False)]:
+            angle = rng.uniform(0, np.pi)
+            direction = np.array([np.cos(angle), np.sin(angle), 0.0]) / np.append(spacing[:2], 1.0)
+            steps = np.arange(-length_mm / 2, length_mm / 2, 0.5 * spacing[:2].min())
+            points = np.round(start + steps[:, None] * direction).astype(int)
+            points = points[np.all((points >= 0) & (points < values.shape), axis=1)]
+            points = points[mask[tuple(points.T)]]
+            scribbles[tuple(points.T)] = value
+    return Volume(scribbles, labels.geometry)
+
+
 # ---------------------------------------------------------------------------------------------
 # The bundled sample assets (see samples/README.md for how they were made)
 
