@@ -6,6 +6,8 @@ already in the cache for all of them, and report the median of several repeats a
 
     python benchmarks/merging_speed.py [--models DIR] [--size 128 128 96] [--repeats 3]
 
+The models default to the bundled DropGen site models (K = 4); the volume is a simulated scan.
+
 Targets (CPU): adaptive / single <= 1.3 and ensemble / adaptive >= 2.5.
 """
 
@@ -20,48 +22,20 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from entropymerge.modelcard import FeatureSpec, InferenceSettings, ModelCard, Preprocessing, default_labels
-from entropymerge.models import load_site_models, save_site_model
+from entropymerge.models import load_site_models
 from entropymerge.pipeline import RunOptions, run
 from entropymerge.progress import Progress
-from entropymerge.safeconfig import build_network
-from entropymerge.volume import Geometry, write_volume
+from entropymerge.sampledata import SOURCE_SITES, bundled_models, simulate
+from entropymerge.training import case_seed
+from entropymerge.volume import write_volume
 
-NETWORK = {"_target_": "UNet", "spatial_dims": 3, "in_channels": 13, "out_channels": 4, "channels": [8, 16, 32, 64],
-           "strides": [2, 2, 2], "num_res_units": 2, "norm": ["instance", {"affine": True}]}
-
-
-def make_models(folder: Path, count: int, spacing) -> list[Path]:
-    """``count`` compatible models from one initialisation (weights perturbed as by fine-tuning)."""
-    card = ModelCard(
-        name="site", labels=default_labels(["background", "organ", "vessel", "lesion"]), input_channels=13,
-        preprocessing=Preprocessing("RAS", tuple(spacing), ({"_target_": "ScaleIntensityRangePercentiles", "lower": 0.5,
-                                                            "upper": 99.5, "b_min": 0.0, "b_max": 1.0, "clip": True},)),
-        inference=InferenceSettings((64, 64, 64), 0.25, 2), network=NETWORK, features=FeatureSpec("mind-ssc", "1", 12),
-    )
-    torch.manual_seed(0)
-    base = build_network(NETWORK, "benchmark")
-    paths = []
-    for k in range(count):
-        network = build_network(NETWORK, "benchmark")
-        network.load_state_dict(base.state_dict())
-        with torch.no_grad():
-            for parameter in network.parameters():
-                parameter.add_(0.02 * torch.randn_like(parameter))
-        paths.append(save_site_model(network, replace(card, name=f"site{k}"), folder, f"site{k}"))
-    return paths
-
-
-def make_volume(path: Path, size, spacing) -> Path:
-    geometry = Geometry(tuple(size), tuple(spacing), (0.0, 0.0, 0.0), ((-1, 0, 0), (0, -1, 0), (0, 0, 1)))
-    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in size], indexing="ij"))
-    body = ((grid ** 2).sum(0) < 0.8).astype(np.float32)
-    image = 200 * body + 300 * (((grid[0] - 0.2) ** 2 + grid[1] ** 2 + grid[2] ** 2) < 0.1)
-    image += np.random.default_rng(0).normal(0, 20, size)
-    return write_volume(image.astype(np.float32), geometry, path)
+def make_volume(path: Path, size) -> Path:
+    """A simulated isotropic 1.5 mm scan (the summit-pd scanner) of exactly ``size`` voxels."""
+    scanner = replace(SOURCE_SITES["summit-pd"], fov_mm=tuple(1.5 * s for s in size))
+    image, _ = simulate(scanner, case_seed("summit-pd", 0, "test"))
+    return write_volume(image.array, image.geometry, path)
 
 
 def timed_run(options: RunOptions) -> float:
@@ -72,8 +46,7 @@ def timed_run(options: RunOptions) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", type=Path, help="folder of K compatible site models (default: generated)")
-    parser.add_argument("--count", type=int, default=4, help="K when models are generated")
+    parser.add_argument("--models", type=Path, help="folder of K compatible site models (default: the bundled DropGen models)")
     parser.add_argument("--size", type=int, nargs=3, default=[128, 128, 96])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto")
@@ -82,12 +55,9 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
-        spacing = (1.5, 1.5, 1.5)
-        model_paths = [args.models] if args.models else make_models(folder / "models", args.count, spacing)
+        model_paths = [args.models or bundled_models("dropgen")]
         models = load_site_models(model_paths)
-        if args.models:
-            spacing = models[0].card.preprocessing.spacing or spacing
-        volume = make_volume(folder / "volume.nii.gz", args.size, spacing)
+        volume = make_volume(folder / "volume.nii.gz", args.size)
         common = dict(volume=volume, models=model_paths, feature_cache=folder / "cache", device=args.device, overwrite=True)
         contenders = {
             "single": RunOptions(method="single", single_model=models[0].name, out=folder / "single", **common),
