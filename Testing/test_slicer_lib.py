@@ -22,10 +22,12 @@ from entropymerge.models import save_site_model  # noqa: E402
 from entropymerge.safeconfig import build_network  # noqa: E402
 from entropymerge.volume import read_volume  # noqa: E402
 from SlicerEntropyMergeLib import scene as lib_scene  # noqa: E402
-from SlicerEntropyMergeLib.engine import RunRequest, read_summary, run_process  # noqa: E402
+from SlicerEntropyMergeLib.engine import RunRequest, read_summary  # noqa: E402
+from SlicerEntropyMergeLib.job import abandon_run, finish_run, start_run  # noqa: E402
 from SlicerEntropyMergeLib.process import SUCCEEDED  # noqa: E402
 
 LABEL_NAMES = ["background", "structure 1", "structure 2"]
+LABEL_VALUES = {name: value for value, name in enumerate(LABEL_NAMES)}
 
 
 @pytest.fixture(scope="module")
@@ -128,31 +130,38 @@ def run(tmp_path_factory, converters):
     volume = volume_node(scene, image, oblique_lps_matrix())
     study = in_study(scene, volume)
     reference = segmentation_from_labels(scene, reference_labels, volume, {1: "Structure 1", 2: "structure 2"})
-    volume_path = lib_scene.write_volume_node(volume, folder / "volume.nrrd")
-    reference_path = lib_scene.write_label_map(scene, reference, volume, folder / "reference.nrrd",
-                                               {name: value for value, name in enumerate(LABEL_NAMES)})
-    request = RunRequest(models=[str(p) for p in save_models(folder / "models")], device="cpu",
-                         per_model=True, rank=True, reference=str(reference_path))
-    process = run_process(request, volume_path, folder / "out")
-    process.start()
-    events = process.wait(600)
-    assert process.state == SUCCEEDED, process.error
-    return {"scene": scene, "volume": volume, "study": study, "folder": folder, "events": events,
-            "image": image, "reference_labels": reference_labels, "out": folder / "out",
-            "results": lib_scene.import_results(scene, volume, folder / "out")}
+    request = RunRequest(models=[str(p) for p in save_models(folder / "models")], device="cpu", per_model=True, rank=True)
+    job = start_run(scene, volume, request, labels=reference, label_values=LABEL_VALUES, work_root=str(folder))
+    events = job.process.wait(600)
+    assert job.process.state == SUCCEEDED, job.process.error
+    # what the engine was given, kept before finish_run removes the work folder
+    inputs = {name: read_volume(job.work / name) for name in ("volume.nrrd", "labels.nrrd")}
+    out = folder / "out"
+    shutil.copytree(job.out, out)
+    results = finish_run(scene, job)
+    return {"scene": scene, "volume": volume, "study": study, "folder": folder, "events": events, "inputs": inputs,
+            "image": image, "reference_labels": reference_labels, "out": out, "job": job, "models": request.models,
+            "results": results}
 
 
 def test_exported_volume_keeps_geometry_and_voxels(run):
-    engine_view = read_volume(run["folder"] / "volume.nrrd")
+    engine_view = run["inputs"]["volume.nrrd"]
     np.testing.assert_allclose(engine_view.geometry.affine_ras, oblique_lps_matrix(), atol=1e-6)
     np.testing.assert_array_equal(engine_view.array, run["image"].transpose(2, 1, 0))
     assert engine_view.geometry.orientation == "LPS"
 
 
 def test_reference_segments_are_written_by_name_on_the_volume_grid(run):
-    written = read_volume(run["folder"] / "reference.nrrd")
+    written = run["inputs"]["labels.nrrd"]
     np.testing.assert_allclose(written.geometry.affine_ras, oblique_lps_matrix(), atol=1e-6)
     np.testing.assert_array_equal(written.array, run["reference_labels"].transpose(2, 1, 0))
+
+
+def test_the_run_used_the_reference_and_cleaned_its_work_folder(run):
+    summary = read_summary(run["out"])
+    assert summary["evaluation"]["classes_in_reference"] == LABEL_NAMES[1:]
+    assert summary["ranking"]["label_source"] == "reference"
+    assert not run["job"].work.exists()
 
 
 def test_progress_reaches_done_through_the_stages(run):
@@ -160,7 +169,7 @@ def test_progress_reaches_done_through_the_stages(run):
     assert [e.fraction for e in progress] == sorted(e.fraction for e in progress)
     assert {"load", "probe", "inference", "rank"} <= {e.stage for e in progress}
     done = [e for e in run["events"] if e.kind == "done"]
-    assert len(done) == 1 and done[0].outputs["summary"] == str(run["out"] / "summary.json")
+    assert len(done) == 1 and done[0].outputs["summary"] == str(run["job"].out / "summary.json")
 
 
 def test_segmentation_has_named_coloured_segments_on_the_exact_input_grid(run):
@@ -274,7 +283,7 @@ def test_reference_segment_named_after_no_label_is_refused(run):
     scene, volume = run["scene"], run["volume"]
     wrong = segmentation_from_labels(scene, run["reference_labels"], volume, {1: "liver", 2: "structure 2"}, "wrong")
     with pytest.raises(ValueError, match="segment 'liver' of wrong is none of the models' labels"):
-        lib_scene.write_label_map(scene, wrong, volume, run["folder"] / "wrong.nrrd", {n: v for v, n in enumerate(LABEL_NAMES)})
+        lib_scene.write_label_map(scene, wrong, volume, run["folder"] / "wrong.nrrd", LABEL_VALUES)
 
 
 def test_scribbles_leave_unpainted_voxels_unlabelled(run):
@@ -283,8 +292,40 @@ def test_scribbles_leave_unpainted_voxels_unlabelled(run):
     painted[7, 11, 13] = 2
     painted[0, 0, 0] = 1
     scribbles = segmentation_from_labels(scene, painted, volume, {1: "background", 2: "structure 2"}, "scribbles")
-    path = lib_scene.write_label_map(scene, scribbles, volume, run["folder"] / "scribbles.nrrd",
-                                     {n: v for v, n in enumerate(LABEL_NAMES)}, scribbles=True)
+    path = lib_scene.write_label_map(scene, scribbles, volume, run["folder"] / "scribbles.nrrd", LABEL_VALUES, scribbles=True)
     written = read_volume(path).array.transpose(2, 1, 0)
     assert written[7, 11, 13] == 2 and written[0, 0, 0] == 0
     assert (written == lib_scene.UNLABELLED).sum() == written.size - 2
+
+
+def test_a_cancelled_run_leaves_no_nodes_and_no_files(run, tmp_path):
+    scene, volume = run["scene"], run["volume"]
+    before = scene.GetNumberOfNodes()
+    job = start_run(scene, volume, RunRequest(models=run["models"], device="cpu"), work_root=str(tmp_path))
+    assert job.work.exists() and not job.finished
+    abandon_run(job)
+    assert job.process.state == "cancelled"
+    assert scene.GetNumberOfNodes() == before
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_case_is_segmented_next_to_its_file_and_reused_the_second_time(run, tmp_path, converters):
+    scene = new_scene()
+    source = volume_node(scene, run["image"], oblique_lps_matrix(), "source")
+    case = lib_scene.write_volume_node(source, tmp_path / "cases" / "patient7.nrrd")
+    volume = lib_scene.read_volume_node(scene, case, "vtkMRMLScalarVolumeNode")
+    request = RunRequest(models=run["models"], method="mean", device="cpu")
+    job = start_run(scene, volume, request, case=case, work_root=str(tmp_path))
+    job.process.wait(600)
+    assert job.succeeded, job.process.error
+    first = finish_run(scene, job)
+    assert (tmp_path / "cases" / "patient7.entropymerge" / "summary.json").is_file()
+    again = start_run(scene, volume, request, case=case, work_root=str(tmp_path))
+    assert again.process is None and again.finished and again.succeeded
+    assert finish_run(scene, again).segmentation is first.segmentation
+    changed = start_run(scene, volume, RunRequest(models=run["models"], method="mean", device="cpu", temperature=0.5),
+                        case=case, work_root=str(tmp_path))
+    assert changed.process is not None, "other options are not served from the cache"
+    abandon_run(changed)
+    assert not (tmp_path / "cases" / "patient7.entropymerge").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cases"]
