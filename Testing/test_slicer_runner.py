@@ -3,7 +3,6 @@ Cancel kills the whole process tree within 2 s, a failing engine reports its own
 
 from __future__ import annotations
 
-import os
 import sys
 import textwrap
 import time
