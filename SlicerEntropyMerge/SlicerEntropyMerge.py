@@ -249,7 +249,7 @@ class SlicerEntropyMergeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         if self.modelsCheck:
             self.modelsCheck.cancel()
         self.modelsCheck, self.modelReport, self.checkedPaths = None, None, paths
-        if paths and self.logic.dependenciesInstalled():
+        if self.logic.dependenciesInstalled():  # with no models listed, this only detects the device
             self.modelsCheckLines = []
             self.modelsCheck = models_process(paths)
             self.modelsCheck.start()
@@ -274,7 +274,7 @@ class SlicerEntropyMergeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         if self.applyAfterCheck:
             self.applyAfterCheck = False
             if self.ui.applyButton.enabled:
-                self.startRun()
+                self.onApplyButton()
 
     def updateModelsTable(self) -> None:
         table = self.ui.modelsTable

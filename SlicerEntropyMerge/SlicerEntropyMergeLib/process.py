@@ -155,7 +155,8 @@ class EngineProcess:
         if self._process is None or self.finished:
             return
         self.state = CANCELLED
-        if self._process.poll() is None or os.name != "nt":
+        # On POSIX the group goes even when its leader has exited already: what it started may live on.
+        if os.name != "nt" or self._process.poll() is None:
             kill_process_tree(self._process.pid)
         self._process.wait()
         self.returncode = self._process.returncode
