@@ -195,11 +195,11 @@ def test_entropy_volume_has_the_input_geometry_and_a_perceptual_colour_map(run):
     np.testing.assert_allclose(slicer.util.arrayFromVolume(entropy), engine_entropy.array.transpose(2, 1, 0), atol=1e-6)
     display = entropy.GetDisplayNode()
     colour = display.GetColorNode()
-    assert colour.GetName() == lib_scene.ENTROPY_COLOR_NODE_NAME
+    assert colour.GetName() == "Entropy Merge entropy (magma)" and colour.GetAttribute(lib_scene.ROLE) == "entropy colours"
     assert colour.GetNumberOfColors() > 2
     assert (display.GetWindowLevelMin(), display.GetWindowLevelMax()) == (0.0, 1.0)
     legend = slicer.vtkSlicerColorLogic.GetColorLegendDisplayNode(entropy)
-    assert legend.GetTitleText() == lib_scene.ENTROPY_LEGEND_TITLE
+    assert legend.GetTitleText() == "entropy (0 certain, 1 uniform)"
 
 
 def table_column(table_node, name):

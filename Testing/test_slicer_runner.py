@@ -152,7 +152,7 @@ def test_models_needed_and_roi_parsing():
     assert [models_needed(m, False) for m in ("adaptive", "mean", "ensemble", "single")] == [2, 2, 2, 1]
     assert models_needed("single", True) == 2
     assert parse_roi_size("") is None and parse_roi_size("96, 96 x 64") == (96, 96, 64)
-    with pytest.raises(ValueError, match="three positive whole numbers"):
+    with pytest.raises(ValueError, match="The ROI size needs three positive whole numbers"):
         parse_roi_size("96 96")
 
 

@@ -5,3 +5,10 @@
 - ``scene``: volume and label map nodes out to files, results back as nodes;
 - ``cases``: a folder of cases and the results kept next to each case.
 """
+
+try:
+    from slicer.i18n import tr  # inside 3D Slicer: its translator, with this package's contexts
+except ImportError:  # the slicer-core wheel (tests outside Slicer) has no translations
+
+    def tr(text: str) -> str:
+        return text

@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import tr as _
 from .process import EngineProcess
 
 ENGINE_FOLDER = Path(__file__).resolve().parents[1]  # the folder that holds the entropymerge package
@@ -88,7 +89,7 @@ def parse_roi_size(text: str) -> tuple[int, int, int] | None:
     if not parts:
         return None
     if len(parts) != 3 or not all(part.isdigit() and int(part) > 0 for part in parts):
-        raise ValueError(f"the ROI size needs three positive whole numbers (X Y Z), got '{text}'")
+        raise ValueError(_("The ROI size needs three positive whole numbers (X Y Z), not '{text}'.").format(text=text))
     return tuple(int(part) for part in parts)
 
 

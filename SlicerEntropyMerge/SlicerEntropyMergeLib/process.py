@@ -16,6 +16,8 @@ import subprocess
 import threading
 from dataclasses import dataclass, field
 
+from . import tr as _
+
 RUNNING, SUCCEEDED, FAILED, CANCELLED = "running", "succeeded", "failed", "cancelled"
 
 
@@ -148,7 +150,7 @@ class EngineProcess:
         self.state = FAILED
         # The engine's own one-line message; else the last line it printed (e.g. a crash before the protocol started).
         last = self._stderr_tail[-1] if self._stderr_tail else None
-        self.error = self._error_event or last or f"the engine stopped with exit code {returncode}"
+        self.error = self._error_event or last or _("the engine stopped with exit code {code}").format(code=returncode)
 
     def cancel(self) -> None:
         """Kill the engine and every process it started, now; the state becomes ``cancelled``."""

@@ -21,11 +21,11 @@ import slicer
 import slicer.util
 import vtk
 
+from . import tr as _
+
 ROLE = "EntropyMerge.Role"
 SOURCE = "EntropyMerge.Volume"
 ENTROPY_COLORMAP = "magma"  # the perceptual map of the engine's figures (entropymerge.figures)
-ENTROPY_COLOR_NODE_NAME = "EntropyMerge entropy (magma)"
-ENTROPY_LEGEND_TITLE = "entropy (0 certain, 1 uniform)"
 UNLABELLED = 255  # the engine's default --unlabelled-value for scribbles
 
 
@@ -64,8 +64,8 @@ def label_map_on_grid(scene, segmentation, reference_volume, values: dict[str, i
         for index in range(contents.GetNumberOfSegments()):
             segment_id, name = contents.GetNthSegmentID(index), contents.GetNthSegment(index).GetName()
             if name.lower() not in lookup:
-                raise ValueError(f"segment '{name}' of {segmentation.GetName()} is none of the models' labels "
-                                 f"({', '.join(values)}); rename it after one of them")
+                raise ValueError(_("segment '{segment}' of {node} is none of the models' labels ({labels}); rename it "
+                                   "after one of them").format(segment=name, node=segmentation.GetName(), labels=", ".join(values)))
             ids = vtk.vtkStringArray()
             ids.InsertNextValue(segment_id)
             slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(segmentation, ids, mask_node, reference_volume)
@@ -108,6 +108,16 @@ class ImportedResults:
     ranking_chart: object = None
 
 
+def find_node(scene, class_name: str, attributes: dict[str, str]):
+    """The first node of ``class_name`` that has all these attribute values, or None."""
+    nodes = scene.GetNodesByClass(class_name)
+    for index in range(nodes.GetNumberOfItems()):
+        node = nodes.GetItemAsObject(index)
+        if all(node.GetAttribute(key) == value for key, value in attributes.items()):
+            return node
+    return None
+
+
 class _ResultBuilder:
     """Finds or makes the result nodes of one volume; if the import fails, removes every node added since it began."""
 
@@ -117,19 +127,12 @@ class _ResultBuilder:
         self._before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
 
     def node(self, class_name: str, role: str, name: str, given=None):
-        node = given or self._existing(class_name, role) or self.scene.AddNewNodeByClass(class_name, name)
-        node.SetAttribute(ROLE, role)
-        node.SetAttribute(SOURCE, self.volume.GetID())
+        attributes = {ROLE: role, SOURCE: self.volume.GetID()}
+        node = given or find_node(self.scene, class_name, attributes) or self.scene.AddNewNodeByClass(class_name, name)
+        for key, value in attributes.items():
+            node.SetAttribute(key, value)
         self.touched.append(node)
         return node
-
-    def _existing(self, class_name: str, role: str):
-        nodes = self.scene.GetNodesByClass(class_name)
-        for index in range(nodes.GetNumberOfItems()):
-            node = nodes.GetItemAsObject(index)
-            if node.GetAttribute(ROLE) == role and node.GetAttribute(SOURCE) == self.volume.GetID():
-                return node
-        return None
 
     def discard_added(self) -> None:
         """Remove the nodes added since the import began (results, their display nodes, colour maps ...)."""
@@ -153,33 +156,36 @@ def import_results(scene, volume, run_folder: str | Path, segmentation=None, ent
     name = volume.GetName()
     build = _ResultBuilder(scene, volume)
     try:
-        results = ImportedResults(build.node("vtkMRMLSegmentationNode", "segmentation", f"{name} segmentation", segmentation))
+        results = ImportedResults(build.node("vtkMRMLSegmentationNode", "segmentation", _("{volume} segmentation").format(volume=name),
+                                             segmentation))
         fill_segmentation(scene, results.segmentation, outputs["segmentation"], labels, volume)
         if entropy:
-            results.entropy = build.node("vtkMRMLScalarVolumeNode", "entropy", f"{name} entropy")
+            results.entropy = build.node("vtkMRMLScalarVolumeNode", "entropy", _("{volume} entropy").format(volume=name))
             fill_entropy(scene, results.entropy, outputs["entropy"])
         for model in summary["models"]:
             model_name = model["name"]
             if f"segmentation_{model_name}" not in outputs:
                 continue
-            node = build.node("vtkMRMLSegmentationNode", f"segmentation:{model_name}", f"{name} segmentation {model_name}")
+            node = build.node("vtkMRMLSegmentationNode", f"segmentation:{model_name}",
+                              _("{volume} segmentation {model}").format(volume=name, model=model_name))
             fill_segmentation(scene, node, outputs[f"segmentation_{model_name}"], labels, volume)
             node.GetDisplayNode().SetVisibility(False)
             results.model_segmentations[model_name] = node
             if entropy:
-                node = build.node("vtkMRMLScalarVolumeNode", f"entropy:{model_name}", f"{name} entropy {model_name}")
+                node = build.node("vtkMRMLScalarVolumeNode", f"entropy:{model_name}",
+                                  _("{volume} entropy {model}").format(volume=name, model=model_name))
                 fill_entropy(scene, node, outputs[f"entropy_{model_name}"])
                 results.model_entropies[model_name] = node
         coefficients = coefficient_rows(summary)
         if coefficients:
-            results.coefficients = build.node("vtkMRMLTableNode", "coefficients", f"{name} merging coefficients")
+            results.coefficients = build.node("vtkMRMLTableNode", "coefficients", _("{volume} merging coefficients").format(volume=name))
             fill_table(results.coefficients, *coefficients)
         dice = dice_rows(summary)
         if dice:
-            results.dice = build.node("vtkMRMLTableNode", "dice", f"{name} Dice")
+            results.dice = build.node("vtkMRMLTableNode", "dice", _("{volume} Dice").format(volume=name))
             fill_table(results.dice, *dice)
         if "ranking_csv" in outputs:
-            results.ranking = build.node("vtkMRMLTableNode", "ranking", f"{name} ranking")
+            results.ranking = build.node("vtkMRMLTableNode", "ranking", _("{volume} ranking").format(volume=name))
             fill_table(results.ranking, *csv_rows(outputs["ranking_csv"]))
             results.ranking_chart = ranking_chart(build, results.ranking, name)
         for node in build.touched:
@@ -226,12 +232,12 @@ def fill_entropy(scene, node, path: str) -> None:
     display.SetAndObserveColorNodeID(entropy_color_node(scene).GetID())
     display.AutoWindowLevelOff()
     display.SetWindowLevelMinMax(0.0, 1.0)
-    slicer.vtkSlicerColorLogic.AddDefaultColorLegendDisplayNode(node).SetTitleText(ENTROPY_LEGEND_TITLE)
+    slicer.vtkSlicerColorLogic.AddDefaultColorLegendDisplayNode(node).SetTitleText(_("entropy (0 certain, 1 uniform)"))
 
 
 def entropy_color_node(scene):
     """The scene's entropy colour map (matplotlib's perceptually uniform magma), made once."""
-    existing = scene.GetFirstNodeByName(ENTROPY_COLOR_NODE_NAME)
+    existing = find_node(scene, "vtkMRMLProceduralColorNode", {ROLE: "entropy colours"})
     if existing is not None:
         return existing
     import matplotlib
@@ -239,9 +245,10 @@ def entropy_color_node(scene):
     colormap = matplotlib.colormaps[ENTROPY_COLORMAP]
     function = vtk.vtkColorTransferFunction()
     for position in np.linspace(0.0, 1.0, 64):
-        red, green, blue, _ = colormap(position)
+        red, green, blue = colormap(position)[:3]
         function.AddRGBPoint(position, red, green, blue)
-    node = scene.AddNewNodeByClass("vtkMRMLProceduralColorNode", ENTROPY_COLOR_NODE_NAME)
+    node = scene.AddNewNodeByClass("vtkMRMLProceduralColorNode", _("Entropy Merge entropy ({colormap})").format(colormap=ENTROPY_COLORMAP))
+    node.SetAttribute(ROLE, "entropy colours")
     node.SetAndObserveColorTransferFunction(function)
     return node
 
@@ -320,13 +327,13 @@ def _number(value) -> float | None:
 
 def ranking_chart(build: _ResultBuilder, ranking_table, name: str):
     """A bar chart of the ranking: the fused transferability score per model, and the true Dice when known."""
-    chart = build.node("vtkMRMLPlotChartNode", "ranking chart", f"{name} ranking chart")
+    chart = build.node("vtkMRMLPlotChartNode", "ranking chart", _("{volume} ranking chart").format(volume=name))
     chart.RemoveAllPlotSeriesNodeIDs()
-    chart.SetTitle(f"Which site model fits {name}")
-    chart.SetXAxisTitle("site model (best first)")
-    chart.SetYAxisTitle("score")
+    chart.SetTitle(_("Which site model fits {volume}").format(volume=name))
+    chart.SetXAxisTitle(_("site model (best first)"))
+    chart.SetYAxisTitle(_("score"))
     columns = {ranking_table.GetTable().GetColumnName(i) for i in range(ranking_table.GetNumberOfColumns())}
-    for column, title, color in (("fused", "transferability (fused)", (0.0, 0.45, 0.70)), ("true_dice", "true Dice", (0.90, 0.62, 0.0))):
+    for column, title, color in (("fused", _("transferability (fused)"), (0.0, 0.45, 0.70)), ("true_dice", _("true Dice"), (0.90, 0.62, 0.0))):
         if column not in columns or not ranking_table.GetTable().GetColumnByName(column).IsNumeric():
             continue
         series = build.node("vtkMRMLPlotSeriesNode", f"ranking series:{column}", f"{name} {title}")
@@ -364,6 +371,6 @@ def results_folder_item(hierarchy, parent: int, volume) -> int:
         item = children.GetId(index)
         if hierarchy.GetItemAttribute(item, SOURCE) == volume.GetID():
             return item
-    folder = hierarchy.CreateFolderItem(parent, f"{volume.GetName()} Entropy Merge")
+    folder = hierarchy.CreateFolderItem(parent, _("{volume} Entropy Merge").format(volume=volume.GetName()))
     hierarchy.SetItemAttribute(folder, SOURCE, volume.GetID())
     return folder
