@@ -195,11 +195,19 @@ class SlicerEntropyMergeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
 
     def cleanup(self) -> None:
         self.removeObservers()
+        self.stopBackgroundWork()
+
+    def stopBackgroundWork(self) -> None:
+        """Cancel the run and the model check, if any (the module closes, or the scene they work on does)."""
         self.timer.stop()
         if self.job:
             abandon_run(self.job)
+            self.job = None
         if self.modelsCheck:
             self.modelsCheck.cancel()
+            self.modelsCheck = None
+        self.modelReport, self.checkedPaths, self.applyAfterCheck = None, None, False
+        self.caseVolume = None
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -211,7 +219,9 @@ class SlicerEntropyMergeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event) -> None:
+        self.stopBackgroundWork()
         self.setParameterNode(None)
+        self.setRunning(False)
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
@@ -223,6 +233,8 @@ class SlicerEntropyMergeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if firstVolumeNode:
                 self._parameterNode.inputVolume = firstVolumeNode
+        if self._parameterNode.caseFolder and not self.caseFiles:
+            self.ui.caseFolderButton.directory = self._parameterNode.caseFolder  # lists the cases again
 
     def setParameterNode(self, inputParameterNode: Optional[SlicerEntropyMergeParameterNode]) -> None:
         if self._parameterNode:
