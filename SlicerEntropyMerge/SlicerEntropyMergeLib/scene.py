@@ -22,6 +22,7 @@ import slicer.util
 import vtk
 
 from . import tr as _
+from .engine import read_summary
 
 ROLE = "EntropyMerge.Role"
 SOURCE = "EntropyMerge.Volume"
@@ -148,8 +149,6 @@ def import_results(scene, volume, run_folder: str | Path, segmentation=None, ent
     imports the entropy map(s). Per-model outputs, coefficients, Dice and ranking are imported when
     the run holds them. If anything fails, the nodes made here are removed before the error is raised.
     """
-    from .engine import read_summary
-
     summary = read_summary(run_folder)
     outputs = summary["outputs"]
     labels = summary["labels"]
