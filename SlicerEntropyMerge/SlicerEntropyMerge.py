@@ -1,16 +1,38 @@
-"""3D Slicer scripted module of SlicerEntropyMerge (minimal: the full panel comes with the GUI work)."""
+"""3D Slicer module of SlicerEntropyMerge: merge several sites' models for the volume at hand, see the
+segmentation, where the merged model is unsure, and which site model fits the case.
 
+The module is thin: the engine (``entropymerge``) runs in a background process started and read by
+``SlicerEntropyMergeLib``, which also moves volumes and results between the scene and files.
+"""
+
+import enum
 import os
+from pathlib import Path
+from typing import Annotated, Optional, Union
+
+import qt
+import vtk
 
 import slicer
+from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
+from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
     ScriptedLoadableModuleTest,
     ScriptedLoadableModuleWidget,
 )
+from slicer.util import VTKObservationMixin
+
+from SlicerEntropyMergeLib import cases
+from SlicerEntropyMergeLib.engine import ModelReport, RunRequest, models_needed, models_process, parse_roi_size
+from SlicerEntropyMergeLib.job import RunJob, abandon_run, finish_run, start_run
+from SlicerEntropyMergeLib.process import SUCCEEDED
+
+REQUIREMENTS = os.path.join(os.path.dirname(__file__), "Resources", "requirements.txt")
+POLL_INTERVAL_MS = 200
 
 
 class SlicerEntropyMerge(ScriptedLoadableModule):
@@ -21,31 +43,614 @@ class SlicerEntropyMerge(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["SlicerEntropyMerge developers"]
         self.parent.helpText = _(
-            "Merge several sites' segmentation models for the volume at hand with entropy-adaptive "
-            "coefficients, and see where the merged model is unsure."
+            "Several hospitals fine-tuned the same segmentation network on their own scanners. For the volume at "
+            "hand, this module merges their models with coefficients set by how unsure each one is on it, runs the "
+            "merged model once, and shows the segmentation, an entropy map of where the merged model is unsure, "
+            "the merging coefficients, and which site model fits the case best. Pick a volume and site models (or "
+            "load the sample data), press Apply; Cancel stops the run at any time."
         )
-        self.parent.acknowledgementText = _("Built on MONAI, PyTorch and 3D Slicer.")
+        self.parent.helpText += self.getDefaultModuleDocumentationLink()
+        self.parent.acknowledgementText = _(
+            "Built on MONAI, PyTorch and 3D Slicer. The sample data and sample site models are synthetic, made by "
+            "the extension's own engine."
+        )
+        slicer.app.connect("startupCompleted()", registerSampleData)
 
 
-class SlicerEntropyMergeWidget(ScriptedLoadableModuleWidget):
-    def setup(self):
+def registerSampleData():
+    """Register the bundled target scans with the Sample Data module; they load from the extension itself."""
+    import SampleData
+    from entropymerge.sampledata import bundled_targets
+
+    icon = os.path.join(os.path.dirname(__file__), "Resources", "Icons", "SlicerEntropyMerge.png")
+    for target in bundled_targets():
+        SampleData.SampleDataLogic.registerCustomSampleDataSource(
+            category=_("Entropy Merge"),
+            sampleName=target.name,
+            uris=target.image.as_uri(),
+            fileNames=target.image.name,
+            nodeNames=target.name,
+            thumbnailFileName=icon,
+            customDownloader=lambda source, path=target.image: slicer.util.loadVolume(str(path), {"name": source.nodeNames[0]}),
+        )
+
+
+class Method(enum.Enum):
+    adaptive = "adaptive"
+    mean = "mean"
+    ensemble = "ensemble"
+    single = "single"
+
+    def label(self):
+        return {
+            Method.adaptive: _("entropy-adaptive merge"),
+            Method.mean: _("mean merge"),
+            Method.ensemble: _("ensemble of the site models"),
+            Method.single: _("single site model"),
+        }[self]
+
+
+class Device(enum.Enum):
+    auto = "auto"
+    gpu = "cuda"
+    cpu = "cpu"
+
+    def label(self):
+        return {Device.auto: _("auto (GPU when present)"), Device.gpu: _("GPU"), Device.cpu: _("CPU")}[self]
+
+
+class Adaptation(enum.Enum):
+    none = "none"
+    tent = "tent"
+    dsbr = "dsbr"
+
+    def label(self):
+        return {Adaptation.none: _("none"), Adaptation.tent: _("TENT"), Adaptation.dsbr: _("DSBR (collapse-safe)")}[self]
+
+
+class ReferenceKind(enum.Enum):
+    reference = "reference"
+    scribbles = "scribbles"
+
+    def label(self):
+        return {ReferenceKind.reference: _("reference segmentation"), ReferenceKind.scribbles: _("scribbles")}[self]
+
+
+@parameterNodeWrapper
+class SlicerEntropyMergeParameterNode:
+    """The panel's choices, saved with the scene.
+
+    ``overlap`` at its minimum, ``adaptSteps`` and ``adaptLearningRate`` at 0 and an empty ``roiSize``
+    leave the choice to the model card or the engine.
+    """
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    modelPaths: list[str]
+    method: Method = Method.adaptive
+    singleModel: str = ""
+    temperature: Annotated[float, WithinRange(0.001, 10.0)] = 0.05
+    decoupleHead: bool = True
+    device: Device = Device.auto
+    roiSize: str = ""
+    overlap: Annotated[float, WithinRange(-0.05, 0.95)] = -0.05
+    probePatches: Annotated[int, WithinRange(1, 64)] = 8
+    adaptation: Adaptation = Adaptation.none
+    adaptSteps: Annotated[int, WithinRange(0, 1000)] = 0
+    adaptLearningRate: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
+    outputSegmentation: vtkMRMLSegmentationNode
+    entropyMap: bool = True
+    perModel: bool = False
+    rank: bool = False
+    referenceLabels: Optional[Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]]
+    referenceKind: ReferenceKind = ReferenceKind.reference
+    caseFolder: str = ""
+
+
+class SlicerEntropyMergeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self.job: Optional[RunJob] = None
+        self.modelsCheck = None  # the running `entropymerge models` process
+        self.modelsCheckLines: list[str] = []
+        self.modelReport: Optional[ModelReport] = None
+        self.checkedPaths: Optional[list[str]] = None
+        self.applyAfterCheck = False
+        self.caseFiles: list[Path] = []
+        self.caseIndex = -1
+        self.caseVolume = None
+        self.lastProgressMessage = ""
+
+    def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/SlicerEntropyMerge.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = SlicerEntropyMergeLogic()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.modelsTable.horizontalHeader().setStretchLastSection(True)
+        self.ui.addModelFileButton.connect("clicked(bool)", self.onAddModelFiles)
+        self.ui.addModelFolderButton.connect("clicked(bool)", self.onAddModelFolder)
+        self.ui.removeModelButton.connect("clicked(bool)", self.onRemoveModels)
+        self.ui.loadSampleButton.connect("clicked(bool)", self.onLoadSampleData)
+        self.ui.singleModelComboBox.connect("currentTextChanged(QString)", self.onSingleModelChanged)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.showChartButton.connect("clicked(bool)", self.onShowChart)
+        self.ui.caseFolderButton.connect("directoryChanged(QString)", self.onCaseFolderChanged)
+        self.ui.previousCaseButton.connect("clicked(bool)", lambda: self.goToCase(self.caseIndex - 1))
+        self.ui.nextCaseButton.connect("clicked(bool)", lambda: self.goToCase(self.caseIndex + 1))
+
+        self.timer = qt.QTimer()
+        self.timer.setInterval(POLL_INTERVAL_MS)
+        self.timer.connect("timeout()", self.onTimer)
+        self.rankingChart = None
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        self.removeObservers()
+        self.stopBackgroundWork()
+
+    def stopBackgroundWork(self) -> None:
+        """Cancel the run and the model check, if any (the module closes, or the scene they work on does)."""
+        self.timer.stop()
+        if self.job:
+            abandon_run(self.job)
+            self.job = None
+        if self.modelsCheck:
+            self.modelsCheck.cancel()
+            self.modelsCheck = None
+        self.modelReport, self.checkedPaths, self.applyAfterCheck = None, None, False
+        self.caseVolume = None
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.stopBackgroundWork()
+        self.setParameterNode(None)
+        self.setRunning(False)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolumeNode:
+                self._parameterNode.inputVolume = firstVolumeNode
+        if self._parameterNode.caseFolder and not self.caseFiles:
+            self.ui.caseFolderButton.directory = self._parameterNode.caseFolder  # lists the cases again
+
+    def setParameterNode(self, inputParameterNode: Optional[SlicerEntropyMergeParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            # Widgets with a "SlicerParameterName" property in the .ui file are connected to the parameter of that name.
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+            self.onParameterNodeModified()
+
+    def onParameterNodeModified(self, caller=None, event=None) -> None:
+        self.checkModels()
+        self._checkCanApply()
+
+    # Site models
+
+    def checkModels(self) -> None:
+        """Describe the listed models in the background (name, site, labels, compatibility) when the list changed."""
+        paths = list(self._parameterNode.modelPaths)
+        if paths == self.checkedPaths:
+            return
+        if self.modelsCheck:
+            self.modelsCheck.cancel()
+        self.modelsCheck, self.modelReport, self.checkedPaths = None, None, paths
+        if self.logic.dependenciesInstalled():  # with no models listed, this only detects the device
+            self.modelsCheckLines = []
+            self.modelsCheck = models_process(paths)
+            self.modelsCheck.start()
+            self.timer.start()
+        self.updateModelsTable()
+
+    def onModelsChecked(self) -> None:
+        check, self.modelsCheck = self.modelsCheck, None
+        if check.state != SUCCEEDED:
+            self.appendLog(_("Could not check the site models: {message}").format(message=check.error))
+            self.applyAfterCheck = False
+            self.updateModelsTable()
+            self._checkCanApply()
+            return
+        self.modelReport = ModelReport.from_text(self.modelsCheckLines)
+        self.ui.deviceLabel.text = _("detected: {device}").format(device=self.modelReport.auto_device)
+        self.checkedPaths = [entry["source"] for entry in self.modelReport.models]  # folders expanded to their models
+        if self.checkedPaths != list(self._parameterNode.modelPaths):
+            self._parameterNode.modelPaths = self.checkedPaths
+        self.updateModelsTable()
+        self._checkCanApply()
+        if self.applyAfterCheck:
+            self.applyAfterCheck = False
+            if self.ui.applyButton.enabled:
+                self.onApplyButton()
+
+    def updateModelsTable(self) -> None:
+        table = self.ui.modelsTable
+        report = self.modelReport
+        entries = report.models if report else [{"name": Path(p).name, "source": p} for p in self._parameterNode.modelPaths]
+        table.setRowCount(len(entries))
+        for row, entry in enumerate(entries):
+            if report is None:
+                status = _("checking...") if self.modelsCheck else _("not checked yet (Apply checks it)")
+            else:
+                status = _("compatible") if entry["compatible"] else entry["problem"]
+            labels = ", ".join(label["name"] for label in entry.get("labels", [])[1:])
+            for column, text in enumerate((entry["name"], entry.get("site") or "", labels, status)):
+                item = qt.QTableWidgetItem(text)
+                item.setToolTip(entry["source"] if column == 0 else text)
+                if report is not None and not entry["compatible"]:
+                    item.setForeground(qt.QBrush(qt.QColor("red")))
+                table.setItem(row, column, item)
+        table.resizeColumnsToContents()
+        combo = self.ui.singleModelComboBox
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        for entry in entries:
+            if report is not None and entry["compatible"]:
+                combo.addItem(entry["name"])
+        combo.setCurrentText(self._parameterNode.singleModel)
+        combo.blockSignals(wasBlocked)
+        if combo.count and combo.currentText != self._parameterNode.singleModel:
+            self._parameterNode.singleModel = combo.currentText
+
+    def onSingleModelChanged(self, name) -> None:
+        self._parameterNode.singleModel = name
+
+    def addModelPaths(self, paths) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to install what the module needs."), waitCursor=True):
+            self.logic.ensureDependencies()
+        self._parameterNode.modelPaths = list(self._parameterNode.modelPaths) + [p for p in paths if p not in self._parameterNode.modelPaths]
+
+    def onAddModelFiles(self) -> None:
+        paths = qt.QFileDialog.getOpenFileNames(
+            self.parent, _("Add site models"), "",
+            _("Site models (*.json *.safetensors *.pt *.pth *.ts);;All files (*)"))
+        if paths:
+            self.addModelPaths(list(paths))
+
+    def onAddModelFolder(self) -> None:
+        folder = qt.QFileDialog.getExistingDirectory(self.parent, _("Add a folder of site models or a MONAI bundle"))
+        if folder:
+            self.addModelPaths([folder])
+
+    def onRemoveModels(self) -> None:
+        rows = {index.row() for index in self.ui.modelsTable.selectionModel().selectedRows()}
+        paths = list(self._parameterNode.modelPaths)
+        self._parameterNode.modelPaths = [path for row, path in enumerate(paths) if row not in rows]
+
+    def onLoadSampleData(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to load the sample data."), waitCursor=True):
+            self.logic.ensureDependencies()
+            volume, reference, models = self.logic.loadSampleData()
+            self._parameterNode.inputVolume = volume
+            self._parameterNode.referenceLabels = reference
+            self._parameterNode.referenceKind = ReferenceKind.reference
+            self._parameterNode.modelPaths = models
+
+    # Apply, progress, cancel
+
+    def _checkCanApply(self, caller=None, event=None) -> None:
+        if self.job:
+            self.ui.applyButton.text = _("Cancel")
+            self.ui.applyButton.toolTip = _("Stop the run; nothing it made is kept")
+            self.ui.applyButton.enabled = True
+            return
+        self.ui.applyButton.text = _("Apply")
+        reason = self.applyBlocker()
+        self.ui.applyButton.enabled = reason is None
+        self.ui.applyButton.toolTip = reason or _("Segment the volume with the merged site models")
+
+    def applyBlocker(self) -> Optional[str]:
+        """Why Apply cannot run now, or None."""
+        parameters = self._parameterNode
+        if not parameters or not parameters.inputVolume:
+            return _("Select a target volume.")
+        paths = list(parameters.modelPaths)
+        needed = models_needed(parameters.method.value, parameters.rank)
+        if len(paths) < needed:
+            return _("{method} needs at least {needed} site model(s); {given} listed.").format(
+                method=parameters.method.label(), needed=needed, given=len(paths))
+        if self.modelsCheck:
+            return _("Checking the site models...")
+        report = self.modelReport
+        if report is not None:
+            offender = next((entry for entry in report.models if not entry["compatible"]), None)
+            if offender:
+                return _("Site model {name} cannot be used: {problem}").format(name=offender["name"], problem=offender["problem"])
+            if parameters.method == Method.single and parameters.singleModel not in [e["name"] for e in report.models]:
+                return _("Choose the site model that the single method runs.")
+        try:
+            parse_roi_size(parameters.roiSize)
+        except ValueError as error:
+            return str(error)
+        return None
+
+    def onApplyButton(self) -> None:
+        if self.job:
+            self.cancelRun()
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation."), waitCursor=True):
+            self.logic.ensureDependencies()
+            if self.modelReport is None:
+                self.applyAfterCheck = True
+                self.checkedPaths = None
+                self.checkModels()
+                self.ui.statusLabel.text = _("Checking the site models...")
+                return
+            self.startRun()
+
+    def runRequest(self) -> RunRequest:
+        parameters = self._parameterNode
+        return RunRequest(
+            models=list(parameters.modelPaths),
+            method=parameters.method.value,
+            single_model=parameters.singleModel or None,
+            temperature=parameters.temperature,
+            decouple_head=parameters.decoupleHead,
+            device=parameters.device.value,
+            roi_size=parse_roi_size(parameters.roiSize),
+            overlap=parameters.overlap if parameters.overlap >= 0 else None,
+            probe_patches=parameters.probePatches,
+            adapt=parameters.adaptation.value,
+            adapt_steps=parameters.adaptSteps or None,
+            adapt_lr=parameters.adaptLearningRate or None,
+            per_model=parameters.perModel,
+            rank=parameters.rank,
+        )
+
+    def startRun(self) -> None:
+        parameters = self._parameterNode
+        case = self.caseFiles[self.caseIndex] if self.caseVolume is not None and parameters.inputVolume == self.caseVolume else None
+        labelValues = {label["name"]: label["value"] for label in self.modelReport.labels}
+        self.job = self.logic.startRun(parameters.inputVolume, self.runRequest(), parameters.referenceLabels, labelValues,
+                                       parameters.referenceKind == ReferenceKind.scribbles, case)
+        self.ui.logTextEdit.clear()
+        self.lastProgressMessage = ""
+        self.ui.progressBar.value = 0
+        self.setRunning(True)
+        if self.job.process is None:
+            self.appendLog(_("Reusing the results saved next to the case: {folder}").format(folder=self.job.out))
+            self.onRunFinished()
+        else:
+            self.ui.statusLabel.text = _("Starting the engine...")
+            self.timer.start()
+
+    def onTimer(self) -> None:
+        if self.modelsCheck:
+            for event in self.modelsCheck.poll():
+                if event.kind == "text":
+                    self.modelsCheckLines.append(event.message)
+            if self.modelsCheck.finished:
+                self.onModelsChecked()
+        if self.job and self.job.process:
+            for event in self.job.process.poll():
+                self.logEvent(event)
+            self.ui.progressBar.value = int(round(100 * self.job.process.fraction))
+            if self.job.process.message:
+                self.ui.statusLabel.text = self.job.process.message
+            if self.job.finished:
+                self.onRunFinished()
+        if not self.modelsCheck and not self.job:
+            self.timer.stop()
+
+    def onRunFinished(self) -> None:
+        job, self.job = self.job, None
+        try:
+            if not job.succeeded:
+                abandon_run(job)
+                self.ui.statusLabel.text = _("Failed: {message}").format(message=job.process.error)
+                self.appendLog(job.process.error)
+                return
+            with slicer.util.tryWithErrorDisplay(_("Failed to load the results."), waitCursor=True):
+                results = self.logic.finishRun(job, self._parameterNode.outputSegmentation, self._parameterNode.entropyMap)
+                if not self._parameterNode.outputSegmentation:
+                    self._parameterNode.outputSegmentation = results.segmentation
+                self.showResults(job.volume, results)
+                self.ui.progressBar.value = 100
+                self.ui.statusLabel.text = _("Done: {name} segmented.").format(name=job.volume.GetName())
+        finally:
+            self.setRunning(False)
+
+    def cancelRun(self) -> None:
+        job, self.job = self.job, None
+        abandon_run(job)
+        self.ui.statusLabel.text = _("Cancelled.")
+        self.appendLog(_("Cancelled by the user; nothing of this run was kept."))
+        self.setRunning(False)
+
+    def setRunning(self, running: bool) -> None:
+        for widget in (self.ui.inputsCollapsibleButton, self.ui.methodCollapsibleButton, self.ui.outputsCollapsibleButton):
+            widget.enabled = not running
+        self.updateCaseButtons()
+        self._checkCanApply()
+
+    def logEvent(self, event) -> None:
+        if event.kind == "progress":
+            if event.message != self.lastProgressMessage:
+                self.lastProgressMessage = event.message
+                self.appendLog(f"{int(round(100 * (event.fraction or 0))):3d}%  {event.message}")
+        elif event.kind == "log":
+            self.appendLog(f"{event.level}: {event.message}")
+        elif event.kind in ("stderr", "text") and event.message.strip():
+            self.appendLog(event.message)
+
+    def appendLog(self, text: str) -> None:
+        self.ui.logTextEdit.appendPlainText(text)
+
+    # Results
+
+    def showResults(self, volume, results) -> None:
+        if results.entropy is not None:
+            slicer.util.setSliceViewerLayers(background=volume, foreground=results.entropy, foregroundOpacity=0.4)
+        else:
+            slicer.util.setSliceViewerLayers(background=volume, foreground=None)
+        for view, label, table in ((self.ui.coefficientsTableView, self.ui.coefficientsLabel, results.coefficients),
+                                   (self.ui.rankingTableView, self.ui.rankingLabel, results.ranking),
+                                   (self.ui.diceTableView, self.ui.diceLabel, results.dice)):
+            view.setMRMLTableNode(table)
+            view.visible = label.visible = table is not None
+        self.rankingChart = results.ranking_chart
+        self.ui.showChartButton.enabled = self.rankingChart is not None
+        if self.rankingChart is not None:
+            self.onShowChart()
+        self.ui.resultsCollapsibleButton.collapsed = False
+
+    def onShowChart(self) -> None:
+        slicer.modules.plots.logic().ShowChartInLayout(self.rankingChart)
+
+    # Case list
+
+    def onCaseFolderChanged(self, folder) -> None:
+        self._parameterNode.caseFolder = folder
+        self.caseFiles = cases.find_cases(folder) if folder else []
+        self.caseIndex, self.caseVolume = -1, None
+        self.updateCaseButtons()
+
+    def updateCaseButtons(self) -> None:
+        count = len(self.caseFiles)
+        if not count:
+            self.ui.caseLabel.text = _("no cases in the chosen folder") if self._parameterNode and self._parameterNode.caseFolder else _("no case folder chosen")
+        elif self.caseIndex < 0:
+            self.ui.caseLabel.text = _("{count} cases; Next loads the first").format(count=count)
+        else:
+            self.ui.caseLabel.text = _("case {index} of {count}: {name}").format(index=self.caseIndex + 1, count=count, name=self.caseFiles[self.caseIndex].name)
+        idle = self.job is None
+        self.ui.previousCaseButton.enabled = idle and self.caseIndex > 0
+        self.ui.nextCaseButton.enabled = idle and self.caseIndex + 1 < count
+
+    def goToCase(self, index: int) -> None:
+        """Load case ``index`` as the target volume and segment it (its saved results are reused when they match)."""
+        with slicer.util.tryWithErrorDisplay(_("Failed to load the case."), waitCursor=True):
+            self.caseVolume = slicer.util.loadVolume(str(self.caseFiles[index]))
+            self.caseIndex = index
+            self._parameterNode.inputVolume = self.caseVolume
+            self._parameterNode.outputSegmentation = None
+            self.updateCaseButtons()
+        if self.ui.applyButton.enabled:
+            self.onApplyButton()
 
 
 class SlicerEntropyMergeLogic(ScriptedLoadableModuleLogic):
-    def engineFolder(self):
-        """Folder that holds the engine package (entropymerge) shipped with this module."""
-        return os.path.dirname(os.path.abspath(__file__))
+    """Dependencies, sample data, and runs on the application scene (the work itself is in SlicerEntropyMergeLib)."""
+
+    def getParameterNode(self):
+        return SlicerEntropyMergeParameterNode(super().getParameterNode())
+
+    @staticmethod
+    def requirements():
+        from slicer import packaging
+
+        return packaging.load_requirements(REQUIREMENTS)
+
+    def dependenciesInstalled(self) -> bool:
+        """Whether PyTorch and the engine's packages are all there (asks nothing)."""
+        from slicer import packaging
+
+        return packaging.pip_check(self.requirements())
+
+    def ensureDependencies(self) -> None:
+        """Install what is missing, after asking: PyTorch through the PyTorch extension, the rest with pip.
+
+        Nothing is asked when everything is installed. Raises ``RuntimeError`` with the reason when
+        the user declines or the PyTorch extension is missing.
+        """
+        from slicer import packaging
+
+        requirements = self.requirements()
+        if packaging.pip_check(requirements):
+            return
+        torch = next(requirement for requirement in requirements if requirement.name == "torch")
+        if not packaging.pip_check(torch):
+            try:
+                import PyTorchUtils
+            except ModuleNotFoundError:
+                raise RuntimeError(_(
+                    "Entropy Merge runs its models with PyTorch, which the PyTorch extension installs: install "
+                    "'PyTorch' from the Extensions Manager, restart Slicer and try again.")) from None
+            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True, torchVersionRequirement=str(torch.specifier)) is None:
+                raise RuntimeError(_("PyTorch was not installed, so the site models cannot run."))
+        packaging.pip_ensure([r for r in requirements if r.name != "torch"], requester=_("Entropy Merge"))
+
+    def loadSampleData(self):
+        """Load a bundled target scan and its reference labels; returns them and the bundled site models' folder."""
+        from entropymerge.sampledata import bundled_models, bundled_targets
+
+        target = bundled_targets()[0]
+        volume = slicer.util.loadVolume(str(target.image), {"name": target.name})
+        reference = slicer.util.loadLabelVolume(str(target.labels), {"name": _("{name} reference").format(name=target.name), "show": False})
+        return volume, reference, [str(bundled_models())]
+
+    def startRun(self, volume, request: RunRequest, labels=None, labelValues=None, scribbles=False, case=None) -> RunJob:
+        return start_run(slicer.mrmlScene, volume, request, labels, labelValues, scribbles, case, slicer.app.temporaryPath)
+
+    def finishRun(self, job: RunJob, segmentation=None, entropy=True):
+        return finish_run(slicer.mrmlScene, job, segmentation, entropy)
 
 
 class SlicerEntropyMergeTest(ScriptedLoadableModuleTest):
-    def runTest(self):
-        slicer.mrmlScene.Clear()
-        self.test_engine_present()
+    """Runs inside 3D Slicer (the pytest suite in Testing/ covers the Lib outside it)."""
 
-    def test_engine_present(self):
-        folder = SlicerEntropyMergeLogic().engineFolder()
-        self.assertTrue(os.path.isfile(os.path.join(folder, "entropymerge", "__init__.py")))
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_sample_apply_on_cpu()
+
+    def test_sample_apply_on_cpu(self):
+        import json
+
+        import numpy as np
+
+        self.delayDisplay(_("Loading the sample data"))
+        logic = SlicerEntropyMergeLogic()
+        logic.ensureDependencies()
+        volume, reference, models = logic.loadSampleData()
+        job = logic.startRun(volume, RunRequest(models=models, device="cpu"), reference)
+        self.assertIsNotNone(job.process)
+        job.process.wait(1800)
+        self.assertTrue(job.succeeded, job.process.error)
+        results = logic.finishRun(job)
+
+        card = json.loads(next(Path(models[0]).glob("*.json")).read_text())
+        contents = results.segmentation.GetSegmentation()
+        names = [contents.GetNthSegment(i).GetName() for i in range(contents.GetNumberOfSegments())]
+        self.assertEqual(names, [label["name"] for label in card["labels"][1:]])
+        volumeShape = slicer.util.arrayFromVolume(volume).shape
+        organ = slicer.util.arrayFromSegmentBinaryLabelmap(results.segmentation, names[0], volume)
+        self.assertEqual(organ.shape, volumeShape)
+        self.assertGreater(int(organ.sum()), 0)
+
+        def ijkToRas(node):
+            matrix = vtk.vtkMatrix4x4()
+            node.GetIJKToRASMatrix(matrix)
+            return slicer.util.arrayFromVTKMatrix(matrix)
+
+        np.testing.assert_allclose(ijkToRas(results.entropy), ijkToRas(volume), atol=1e-4)
+        self.assertEqual(slicer.util.arrayFromVolume(results.entropy).shape, volumeShape)
+        self.assertIsNotNone(results.dice)
+        self.delayDisplay(_("Test passed"))

@@ -1,1 +1,14 @@
-"""MRML-side helpers of the SlicerEntropyMerge module (no Qt): scene bridge and engine process runner."""
+"""Slicer-free helpers of the SlicerEntropyMerge module (MRML, no Qt).
+
+- ``process``: the engine as a background process (JSON-lines progress, cancel kills the tree);
+- ``engine``: the engine's command line (run, models) and its output folder;
+- ``scene``: volume and label map nodes out to files, results back as nodes;
+- ``cases``: a folder of cases and the results kept next to each case.
+"""
+
+try:
+    from slicer.i18n import tr  # inside 3D Slicer: its translator, with this package's contexts
+except ImportError:  # the slicer-core wheel (tests outside Slicer) has no translations
+
+    def tr(text: str) -> str:
+        return text

@@ -89,6 +89,12 @@ def build_parser() -> ArgumentParser:
     rank.add_argument("--progress", default="auto", choices=("auto", "bar", "json", "none"))
     rank.set_defaults(handler=command_rank, rank=True, segment=False)
 
+    models = commands.add_parser("models", help="describe site models (name, site, labels) and whether they can be merged together")
+    models.add_argument("paths", nargs="*", type=Path, help="site models, as for run --model (none: only report the device)")
+    models.add_argument("--trust-bundle-code", dest="trust_code", action="store_true", help="allow code in bundles and TorchScript models")
+    models.add_argument("--json", action="store_true", help="one JSON object on stdout (for the Slicer module)")
+    models.set_defaults(handler=command_models, progress="none")
+
     fetch = commands.add_parser("fetch-weights", help="download a feature extractor's weights (explicit, checksum-verified)")
     fetch.add_argument("extractor", choices=("anatomix",))
     fetch.add_argument("--url", required=True, help="where the weights are published (e.g. the anatomix authors' release)")
@@ -219,6 +225,24 @@ def command_train(args, progress: Progress) -> None:
     if args.progress != "json":
         for site, score in report.validation.items():
             print(f"{site}: {args.out / (site + '.json')} (validation Dice on its own site {score:.3f})")
+
+
+def command_models(args, progress: Progress) -> None:
+    import json
+
+    from .inference import describe_device, resolve_device
+    from .models import describe_models
+
+    entries = describe_models(args.paths, args.trust_code)
+    device = describe_device(resolve_device("auto"))
+    if args.json:
+        print(json.dumps({"models": entries, "auto_device": device}))
+        return
+    for entry in entries:
+        labels = ", ".join(label["name"] for label in entry.get("labels", []))
+        state = "ok" if entry["compatible"] else f"NOT USABLE: {entry['problem']}"
+        print(f"{entry['name']:<16} {entry.get('site') or '':<40} [{labels}] {state}")
+    print(f"device (auto): {device}")
 
 
 def command_fetch_weights(args, progress: Progress) -> None:

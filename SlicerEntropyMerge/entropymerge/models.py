@@ -205,10 +205,53 @@ def load_site_models(paths: list[str | Path], trust_code: bool = False) -> list[
     models = [load_site_model(path, trust_code) for path in expand_model_paths(paths)]
     seen: dict[str, int] = {}
     for model in models:
-        seen[model.name] = seen.get(model.name, 0) + 1
-        if seen[model.name] > 1:
-            model.name = f"{model.name}-{seen[model.name]}"
+        _make_name_unique(model, seen)
     return models
+
+
+def _make_name_unique(model: SiteModel, seen: dict[str, int]) -> None:
+    seen[model.name] = seen.get(model.name, 0) + 1
+    if seen[model.name] > 1:
+        model.name = f"{model.name}-{seen[model.name]}"
+
+
+def describe_models(paths: list[str | Path], trust_code: bool = False) -> list[dict]:
+    """Each model behind ``paths`` (folders expanded) as a model list shows it, and whether it can join the set.
+
+    Unlike ``load_site_models`` a bad path does not stop the others: its entry carries the problem.
+    Every entry has ``source``, ``name``, ``compatible`` and ``problem`` (None when compatible);
+    loaded models add ``site``, ``kind`` and ``labels``. Compatibility is judged against the first
+    model that loads, with the same rules as ``check_compatible``.
+    """
+    entries: list[dict] = []
+    first: SiteModel | None = None
+    reference: dict = {}
+    seen: dict[str, int] = {}
+    for given in map(Path, paths):
+        try:
+            sources = expand_model_paths([given])
+        except UserInputError as error:
+            entries.append({"source": str(given), "name": given.name, "compatible": False, "problem": str(error)})
+            continue
+        for source in sources:
+            try:
+                model = load_site_model(source, trust_code)
+            except UserInputError as error:
+                entries.append({"source": str(source), "name": source.stem, "compatible": False, "problem": str(error)})
+                continue
+            _make_name_unique(model, seen)
+            problem = None
+            if first is None:
+                first, reference = model, {k: tuple(v.shape) for k, v in model.state_dict().items()}
+            else:
+                difference = _first_difference(first, reference, model)
+                problem = f"cannot be used with '{first.name}': {difference}" if difference else None
+            entries.append({
+                "source": str(source), "name": model.name, "site": model.card.site, "kind": model.kind,
+                "labels": [{"value": l.value, "name": l.name, "color": l.color} for l in model.card.labels],
+                "compatible": problem is None, "problem": problem,
+            })
+    return entries
 
 
 def check_compatible(models: list[SiteModel]) -> None:

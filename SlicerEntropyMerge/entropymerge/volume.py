@@ -14,7 +14,6 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel
 import numpy as np
 import SimpleITK as sitk
 
@@ -136,6 +135,10 @@ def read_volume(path: str | os.PathLike, what: str = "volume") -> Volume:
 
 
 def _read_nifti_voxels(path: Path, what: str) -> np.ndarray:
+    # Imported here, not at the top: 3D Slicer ships numpy and SimpleITK but not nibabel, and its
+    # module lists the sample data and case files with this package before installing the rest.
+    import nibabel
+
     try:
         image = nibabel.load(str(path))
         array = np.asanyarray(image.dataobj)

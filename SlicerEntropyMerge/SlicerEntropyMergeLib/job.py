@@ -1,0 +1,89 @@
+"""One Apply from start to finish: inputs written out, the engine started in the background, and
+then either its results imported or, when cancelled or failed, everything it made removed.
+
+No node is made before the engine has finished successfully, so a cancelled or failed run leaves
+the scene as it was.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from . import cases
+from .engine import RunRequest, run_process
+from .process import SUCCEEDED, EngineProcess
+from .scene import ImportedResults, import_results, write_label_map, write_volume_node
+
+
+@dataclass
+class RunJob:
+    """A run under way (or a case whose earlier results are reused: ``process`` is ``None``)."""
+
+    volume: object
+    out: Path
+    work: Path
+    case: Path | None = None
+    options: list[str] | None = None
+    process: EngineProcess | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.process is None or self.process.finished
+
+    @property
+    def succeeded(self) -> bool:
+        return self.process is None or self.process.state == SUCCEEDED
+
+
+def start_run(scene, volume, request: RunRequest, labels=None, label_values: dict[str, int] | None = None,
+              scribbles: bool = False, case: Path | None = None, work_root: str | None = None) -> RunJob:
+    """Write the inputs and start the engine on ``volume`` (or on the ``case`` file it was loaded from).
+
+    ``labels`` (a label map or segmentation node) is written on the volume's grid as the reference
+    or, with ``scribbles``, as the ranking's scribbles; segments map to ``label_values`` by name.
+    A case is segmented into its results folder, and earlier results made with the same options
+    are reused without running the engine.
+    """
+    work = Path(tempfile.mkdtemp(prefix="EntropyMerge-", dir=work_root))
+    try:
+        if labels is not None:
+            path = write_label_map(scene, labels, volume, work / "labels.nrrd", label_values or {}, scribbles)
+            request = replace(request, **({"scribbles": str(path), "rank": True} if scribbles else {"reference": str(path)}))
+        options = request.option_arguments()
+        if case is not None:
+            job = RunJob(volume, cases.results_folder(case), work, case, options)
+            if cases.has_reusable_results(case, options):
+                return job
+            cases.discard_results(case)
+            job.process = run_process(request, case, job.out)
+        else:
+            job = RunJob(volume, work / "out", work, options=options)
+            job.process = run_process(request, write_volume_node(volume, work / "volume.nrrd"), job.out)
+        job.process.start()
+        return job
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def finish_run(scene, job: RunJob, segmentation=None, entropy: bool = True) -> ImportedResults:
+    """Import the results of a run that succeeded; a case remembers the options its results were made with."""
+    try:
+        results = import_results(scene, job.volume, job.out, segmentation, entropy)
+        if job.case is not None and job.process is not None:
+            cases.remember_options(job.case, job.options)
+        return results
+    finally:
+        shutil.rmtree(job.work, ignore_errors=True)
+
+
+def abandon_run(job: RunJob) -> None:
+    """Cancel the engine if it still runs and remove what the run wrote (a case's partial results too)."""
+    if job.process is not None:
+        job.process.cancel()
+        if job.case is not None:
+            cases.discard_results(job.case)
+    shutil.rmtree(job.work, ignore_errors=True)

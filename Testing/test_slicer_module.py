@@ -1,0 +1,104 @@
+"""The Slicer module's files outside Slicer: every widget the code uses exists in the .ui file, the
+parameter-node bindings fit Slicer's widget connectors, and nothing heavy is needed to load the module."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+import tomllib
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+MODULE = REPOSITORY / "SlicerEntropyMerge"
+SOURCE = (MODULE / "SlicerEntropyMerge.py").read_text()
+UI = ElementTree.parse(MODULE / "Resources" / "UI" / "SlicerEntropyMerge.ui")
+
+# The widget classes Slicer's parameterNodeWrapper connects to each kind of parameter (guiConnectors.py).
+CONNECTABLE = {
+    "bool": {"QCheckBox", "QPushButton"},
+    "int": {"QSpinBox", "QSlider"},
+    "float": {"QDoubleSpinBox", "ctkSliderWidget"},
+    "str": {"QLineEdit", "QTextEdit"},
+    "enum": {"QComboBox"},
+    "node": {"qMRMLNodeComboBox", "qMRMLSubjectHierarchyTreeView"},
+}
+
+
+def ui_widgets() -> dict[str, str]:
+    return {widget.get("name"): widget.get("class") for widget in UI.iter("widget")}
+
+
+def parameter_fields() -> dict[str, str]:
+    """Each field of the parameter node class and its kind (bool, int, float, str, enum, node, list)."""
+    tree = ast.parse(SOURCE)
+    enums = {node.name for node in tree.body if isinstance(node, ast.ClassDef)
+             and any(getattr(base, "attr", getattr(base, "id", "")) == "Enum" for base in node.bases)}
+    wrapper = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name.endswith("ParameterNode"))
+    fields = {}
+    for statement in wrapper.body:
+        if isinstance(statement, ast.AnnAssign):
+            annotation = ast.unparse(statement.annotation)
+            base = re.sub(r"^Annotated\[(\w+),.*\]$", r"\1", annotation)
+            if "vtkMRML" in annotation:
+                kind = "node"
+            elif base in enums:
+                kind = "enum"
+            elif base.startswith("list"):
+                kind = "list"
+            else:
+                kind = base
+            fields[statement.target.id] = kind
+    return fields
+
+
+def test_every_widget_the_module_uses_exists_in_the_ui_file():
+    used = set(re.findall(r"self\.ui\.(\w+)", SOURCE))
+    assert used, "the module reads no widgets?"
+    missing = sorted(used - set(ui_widgets()))
+    assert not missing, f"widgets used in SlicerEntropyMerge.py but absent from the .ui file: {missing}"
+
+
+def test_parameter_bindings_name_fields_and_fit_the_widget_connectors():
+    fields = parameter_fields()
+    widgets = ui_widgets()
+    bound = {}
+    for widget in UI.iter("widget"):
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                bound[prop.find("string").text] = widget.get("class")
+    assert set(bound) <= set(fields), f"bound to no parameter: {sorted(set(bound) - set(fields))}"
+    for name, widget_class in bound.items():
+        assert widget_class in CONNECTABLE[fields[name]], f"{name} ({fields[name]}) cannot be shown by a {widget_class}"
+    assert {"inputVolume", "method", "temperature", "device", "outputSegmentation", "referenceLabels"} <= set(bound)
+    assert widgets["applyButton"] == "QPushButton" and widgets["progressBar"] == "QProgressBar"
+
+
+def test_ui_sections_are_collapsible():
+    widgets = ui_widgets()
+    for section in ("inputsCollapsibleButton", "methodCollapsibleButton", "outputsCollapsibleButton",
+                    "resultsCollapsibleButton", "casesCollapsibleButton"):
+        assert widgets[section] == "ctkCollapsibleButton"
+    assert widgets["logCollapsibleGroupBox"] == widgets["advancedCollapsibleGroupBox"] == "ctkCollapsibleGroupBox"
+
+
+def test_requirements_match_the_engine_dependencies():
+    pyproject = tomllib.loads((REPOSITORY / "pyproject.toml").read_text())
+    requirements = [line.strip() for line in (MODULE / "Resources" / "requirements.txt").read_text().splitlines()
+                    if line.strip() and not line.startswith("#")]
+    assert requirements == pyproject["project"]["dependencies"]
+
+
+def test_module_load_needs_none_of_the_packages_it_installs_later():
+    # What Slicer imports at start-up (the Lib; the engine's sample list for Sample Data) must not need
+    # torch, MONAI, nibabel or the other packages that the module installs on first use.
+    blocked = ("torch", "monai", "nibabel", "safetensors", "yaml", "matplotlib", "tqdm")
+    code = (f"import sys; sys.modules.update(dict.fromkeys({blocked!r}));"
+            "import SlicerEntropyMergeLib.job, SlicerEntropyMergeLib.cases, SlicerEntropyMergeLib.engine;"
+            "from entropymerge.sampledata import bundled_targets, bundled_models;"
+            "print(len(bundled_targets()), bundled_models().name)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=MODULE, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["2", "dropgen"]
