@@ -130,10 +130,10 @@ def path_figure(path: InterpolationPath, file: Path, title: str) -> Path:
     lines.append(left.axvline(0.5, color="#555555", linestyle=":", label="mean merge (λ = 0.5)"))
     lines.append(left.axvline(path.adaptive_alpha_b, color="#009e73", linestyle="-.",
                               label=f"entropy-adaptive merge (α_B = {path.adaptive_alpha_b:.3f})"))
-    for point, name in ((path.points[0], f"A: {path.model_a}"), (path.points[-1], f"B: {path.model_b}")):
+    for point, name, align in ((path.points[0], f"A: {path.model_a}", "left"), (path.points[-1], f"B: {path.model_b}", "right")):
         left.plot(point.lam, point.statistics["entropy"], "o", color="black", markersize=9, fillstyle="none")
         left.annotate(name, (point.lam, point.statistics["entropy"]), textcoords="offset points", xytext=(0, 10),
-                      ha="center", fontsize=9)
+                      ha=align, fontsize=9)
     left.legend(handles=lines, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=9, frameon=False)
     left.set_title(title, fontsize=11)
     left.grid(alpha=0.3)
