@@ -1,5 +1,6 @@
 """Collapse-safe test-time adaptation (TENT, DSBR, the guard) and the interpolation path between two site models."""
 
+import copy
 import json
 import math
 
@@ -15,7 +16,14 @@ from entropymerge.adaptation import AdaptationSettings, adapt, adaptation_loss, 
 from entropymerge.cli import main
 from entropymerge.entropy import class_balanced_entropy
 from entropymerge.errors import UserInputError
-from entropymerge.merging import AdaptiveSettings, adaptive_plan, interpolate, probe_probabilities, select_probe
+from entropymerge.merging import (
+    AdaptiveSettings,
+    adaptive_plan,
+    apply_batchnorm_policy,
+    interpolate,
+    probe_probabilities,
+    select_probe,
+)
 from entropymerge.models import load_site_model, save_site_model
 from entropymerge.safeconfig import build_network
 
@@ -83,7 +91,8 @@ def snapshot(network: torch.nn.Module) -> dict:
 def assert_bit_identical(state: dict, expected: dict) -> None:
     assert state.keys() == expected.keys()
     for key, value in expected.items():
-        assert value.dtype == state[key].dtype and torch.equal(value.view(torch.uint8), state[key].view(torch.uint8)), key
+        bits = lambda tensor: tensor.flatten().view(torch.uint8)
+        assert value.dtype == state[key].dtype and torch.equal(bits(value), bits(state[key])), key
 
 
 @pytest.mark.parametrize("method", ["tent", "dsbr"])
@@ -122,6 +131,24 @@ def test_adaptation_changes_only_normalisation_affines_and_never_the_site_models
     changed = {key for key, value in adapted.state_dict().items() if not torch.equal(value, merged_state[key])}
     assert changed and changed <= norm_keys
     assert result.parameters == sum(adapted.state_dict()[k].numel() for k in norm_keys)
+
+
+def test_batch_norm_adapts_on_probe_statistics_without_touching_the_input(probe):
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(3)
+    network = UNet(3, 1, 3, channels=(4, 8, 16), strides=(2, 2), num_res_units=1, norm="batch").eval()
+    before = snapshot(network)
+    adapted, result = adapt(network, probe, AdaptationSettings("dsbr", 2, 1e-3), CPU)
+    assert not result.restored and adapted is not network and not adapted.training
+    assert_bit_identical(network.state_dict(), before)  # batch statistics while adapting never reach the input's buffers
+    again = copy.deepcopy(adapted)
+    apply_batchnorm_policy(again, probe, "reestimate", CPU)
+    running = [key for key in before if key.endswith(("running_mean", "running_var"))]
+    assert running
+    for key in running:  # the adapted model's statistics are the probe's, under its adapted weights
+        assert not torch.equal(adapted.state_dict()[key], before[key])
+        torch.testing.assert_close(adapted.state_dict()[key], again.state_dict()[key])
 
 
 def test_adaptation_is_deterministic(probe):
