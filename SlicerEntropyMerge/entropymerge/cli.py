@@ -42,7 +42,9 @@ def build_parser() -> ArgumentParser:
     run.add_argument("--out", required=True, type=Path, help="output folder")
     add_method_options(run)
     add_common_run_options(run)
+    add_adaptation_options(run)
     run.set_defaults(handler=command_run)
+    add_path_command(commands)
 
     demo = commands.add_parser("demo", help="the whole story on the bundled sample: site models vs mean vs entropy-adaptive merge")
     demo.add_argument("--out", type=Path, help="output folder (default: ./entropymerge-demo, or -2, -3 ... if it exists)")
@@ -153,6 +155,46 @@ def add_common_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out")
     parser.add_argument("--progress", default="auto", choices=("auto", "bar", "json", "none"),
                         help="progress display; json prints one JSON object per line (for the Slicer module)")
+
+
+def add_adaptation_options(parser: argparse.ArgumentParser) -> None:
+    from .adaptation import ADAPT_METHODS, AdaptationSettings
+
+    adaptation = parser.add_argument_group("test-time adaptation of the merged model")
+    adaptation.add_argument("--adapt", default="none", choices=ADAPT_METHODS,
+                            help="tune the normalisation layers on the probe: tent (entropy minimisation) or dsbr (class-balanced "
+                                 "entropy); a guard restores the merged weights if a class vanishes or the foreground shrinks or grows 2x")
+    adaptation.add_argument("--adapt-steps", type=positive_int, default=AdaptationSettings.steps,
+                            help=f"adaptation steps (default {AdaptationSettings.steps})")
+    adaptation.add_argument("--adapt-lr", type=float, default=AdaptationSettings.learning_rate,
+                            help=f"Adam learning rate of the adaptation (default {AdaptationSettings.learning_rate:g})")
+
+
+def add_path_command(commands) -> None:
+    path = commands.add_parser("path", help="probe entropy (and Dice) along the weight interpolation between two site models")
+    path.add_argument("--volume", required=True, type=Path, help="target volume")
+    path.add_argument("--model", dest="models", action="append", required=True, type=Path,
+                      help="site model; give exactly two: A (lambda 0) then B (lambda 1)")
+    path.add_argument("--reference", type=Path, help="reference segmentation on the volume's grid: adds Dice along the path")
+    path.add_argument("--steps", type=positive_int, default=11, help="evenly spaced lambda values from 0 to 1, endpoints included (default 11)")
+    path.add_argument("--out", required=True, type=Path, help="output folder: path.csv, path.png, summary.json")
+    path.add_argument("--feature-cache", type=Path, help="cache folder (default: $ENTROPYMERGE_CACHE or ~/.cache/entropymerge)")
+    path.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    path.add_argument("--trust-bundle-code", dest="trust_code", action="store_true", help="allow code in bundles and TorchScript models")
+    path.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out")
+    path.add_argument("--progress", default="auto", choices=("auto", "bar", "json", "none"))
+    path.set_defaults(handler=command_path)
+
+
+def command_path(args, progress: Progress) -> None:
+    from .interpolation import path_table, run_path
+    from .pipeline import RunOptions
+
+    options = RunOptions(**{k: v for k, v in vars(args).items() if k in RunOptions.__dataclass_fields__})
+    summary = run_path(options, args.steps, progress)
+    if args.progress != "json":
+        print(path_table(summary["path"]))
+        print(f"path:    {summary['outputs']['path_csv']}\n         {summary['outputs']['path_png']}")
 
 
 def command_run(args, progress: Progress) -> None:

@@ -43,8 +43,17 @@ def class_balanced_entropy(probabilities: torch.Tensor, entropy: torch.Tensor | 
     predicted = predicted_labels(probabilities) if predicted is None else predicted
     counts = torch.bincount(predicted.flatten(), minlength=probabilities.shape[1]).double()
     sums = torch.bincount(predicted.flatten(), weights=entropy.flatten().double(), minlength=probabilities.shape[1])
+    return float((sums * class_balanced_weights(counts)).sum())
+
+
+def class_balanced_weights(counts: torch.Tensor) -> torch.Tensor:
+    """Per class, the weight 1 / (|C_hat| n_c) of each voxel predicted as class c: (C,) counts -> (C,).
+
+    C_hat is the set of predicted classes (n_c > 0); absent classes get 0. Summing weight x entropy
+    over the voxels gives the class-balanced entropy.
+    """
     present = counts > 0
-    return float((sums[present] / counts[present]).mean())
+    return torch.where(present, 1.0 / (counts.clamp_min(1) * present.sum()), torch.zeros_like(counts))
 
 
 def js_divergence_to_mean(probabilities: Sequence[torch.Tensor], weights: torch.Tensor | None = None) -> list[float]:

@@ -29,6 +29,8 @@ def merge_state_dicts(
     """theta = sum_k c_k theta_k for every floating tensor; integer buffers come from the first state.
 
     Keys in ``head_keys`` are merged with ``head_coefficients`` instead (the decoupled head).
+    Terms with weight 0 are skipped and the sum starts from the first term (not from zeros, which
+    would turn -0.0 into +0.0), in at least float32: a one-hot merge returns a model bit for bit.
     """
     coefficients = check_coefficients(coefficients, len(states))
     head = check_coefficients(head_coefficients, len(states)) if head_coefficients is not None else coefficients
@@ -38,10 +40,12 @@ def merge_state_dicts(
             merged[key] = first.clone()
             continue
         weights = head if key in head_keys else coefficients
-        total = torch.zeros_like(first, dtype=torch.float32)
+        dtype = torch.promote_types(first.dtype, torch.float32)
+        total = None
         for weight, state in zip(weights, states):
             if weight != 0.0:
-                total.add_(state[key].float(), alpha=float(weight))
+                value = state[key].to(dtype)
+                total = value * float(weight) if total is None else total.add_(value, alpha=float(weight))
         merged[key] = total.to(first.dtype)
     return merged
 
@@ -66,6 +70,17 @@ def merged_network(
     network = copy.deepcopy(models[0].network)
     network.load_state_dict(merge_state_dicts(states, coefficients, head_keys, head_coefficients))
     return network.eval()
+
+
+def interpolate(model_a: SiteModel, model_b: SiteModel, lam: float) -> torch.nn.Module:
+    """theta(lam) = (1 - lam) theta_A + lam theta_B as a new network (a copy of A's), lam in [0, 1].
+
+    The point at ``lam`` on the straight path between two site models (ModelMix, METHODS.md
+    section 5); exactly model A at 0 and exactly model B at 1.
+    """
+    if not 0.0 <= lam <= 1.0:
+        raise UserInputError(f"the interpolation weight must lie in [0, 1], got {lam}")
+    return merged_network([model_a, model_b], [1.0 - lam, lam])
 
 
 def mean_coefficients(models: Sequence[SiteModel], probe=None) -> np.ndarray:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .adaptation import AdaptationSettings, adapt
 from .errors import UserInputError
 from .features import FeatureCache, get_extractor, model_inputs
 from .inference import (
@@ -94,6 +95,9 @@ class RunOptions:
     volume_format: str = "nii.gz"
     trust_code: bool = False
     overwrite: bool = False
+    adapt: str = "none"  # test-time adaptation of the merged network: none, tent or dsbr
+    adapt_steps: int = AdaptationSettings.steps
+    adapt_lr: float = AdaptationSettings.learning_rate
 
     def adaptive_settings(self) -> AdaptiveSettings:
         return AdaptiveSettings(
@@ -104,6 +108,9 @@ class RunOptions:
             refine=self.refine,
             batchnorm=self.batchnorm,
         )
+
+    def adaptation_settings(self) -> AdaptationSettings:
+        return AdaptationSettings(self.adapt, self.adapt_steps, self.adapt_lr, self.seed)
 
 
 class Timings(dict):
@@ -164,6 +171,10 @@ def validate_options(options: RunOptions) -> None:
         raise UserInputError("--method oracle picks the best single model by Dice, so it needs --reference")
     if options.overlap is not None and not 0 <= options.overlap < 1:
         raise UserInputError(f"--overlap must be in [0, 1), got {options.overlap}")
+    if options.adapt != "none":
+        if options.method == "ensemble":
+            raise UserInputError("--adapt adapts the single merged network, but --method ensemble runs every model")
+        options.adaptation_settings().check()
 
 
 def inference_settings(model: SiteModel, options: RunOptions) -> InferenceSettings:
@@ -319,7 +330,8 @@ def run(options: RunOptions, progress: Progress | None = None) -> dict:
     timings = Timings()
     runs_every_model = options.method in ("ensemble", "oracle") or options.per_model or (options.rank and options.reference)
     progress.plan([("load", 1), ("preprocess", 1), ("features", 2), ("probe", 2), ("merge", 1),
-                   ("site models", 6 * len(options.models) if runs_every_model else 0), ("inference", 6),
+                   ("site models", 6 * len(options.models) if runs_every_model else 0),
+                   ("adapt", 3 if options.adapt != "none" else 0), ("inference", 6),
                    ("evaluate", 1 if options.reference else 0), ("rank", 2 if options.rank else 0), ("write", 1)])
     try:
         case = load_case(options, progress, timings)
@@ -335,6 +347,7 @@ def run(options: RunOptions, progress: Progress | None = None) -> dict:
             elif options.method == "oracle":
                 plan = MergePlan("oracle", one_hot(oracle_best, len(models)), details={"selected": models[oracle_best].name})
 
+        adapted, adaptation = adapt_merged(case, options, plan, probe_run, progress, timings)  # --adapt
         segmentation, evaluation, pseudo_labels = None, None, None
         if options.segment or not (options.reference or options.scribbles):
             progress.stage("inference", f"segmenting on {describe_device(case.device)}")
@@ -342,7 +355,7 @@ def run(options: RunOptions, progress: Progress | None = None) -> dict:
                 if options.method == "ensemble":
                     probabilities = ensemble_sum / len(models)
                 else:
-                    network = plan.network(models)
+                    network = adapted if adapted is not None else plan.network(models)
                     probabilities = case.probabilities(network, lambda f: progress.update(f, "segmenting"))
                 segmentation = case.segment(probabilities, options.probabilities)
                 pseudo_labels = predicted_labels(probabilities, dim=0).numpy() if options.rank else None
@@ -368,12 +381,28 @@ def run(options: RunOptions, progress: Progress | None = None) -> dict:
                 write_segmentation(output, "", segmentation, case)
         summary = build_summary(options, case, plan, timings, progress, evaluation, per_model)
         summary["ranking"] = ranking.to_json() if ranking else None
+        summary["adaptation"] = adaptation
         outputs = output.commit(summary)
     except BaseException:
         output.abort()
         raise
     progress.done(outputs)
     return dict(summary, outputs=outputs)
+
+
+def adapt_merged(case: Case, options: RunOptions, plan: MergePlan, probe_run: ProbeRun | None, progress: Progress,
+                 timings: Timings) -> tuple[torch.nn.Module | None, dict | None]:
+    """--adapt: the merged network after collapse-safe test-time adaptation on the run's probe, and its record."""
+    if options.adapt == "none" or not options.segment:
+        return None, None
+    probe_run = probe_run or run_probe(case, options, progress, timings)
+    settings = options.adaptation_settings()
+    progress.stage("adapt", f"test-time adaptation: {options.adapt.upper()}, {options.adapt_steps} steps")
+    with timings.measure("adapt"):
+        names = [label.name for label in case.labels]
+        network, result = adapt(plan.network(case.models), probe_run.probe, settings, case.device,
+                                probe_batch_size(probe_run.probe, case.settings.roi_size), names, progress)
+    return network, result.describe(names, settings)
 
 
 def label_source(case: Case, options: RunOptions, pseudo_labels: np.ndarray | None) -> LabelSource:

@@ -1,0 +1,212 @@
+"""Collapse-safe test-time adaptation of the merged network on the probe (METHODS.md section 3).
+
+Both methods adapt only the affine weight and bias of the normalisation layers, for a few Adam
+steps on the probe, starting from the merged model. TENT minimises the mean voxel entropy; DSBR
+minimises the class-balanced entropy, in which every class predicted on the probe counts equally,
+so the loss cannot be lowered by growing the easy background. A guard tracks the predicted class
+proportions on the probe after every step and, when a class present at the start vanishes or the
+foreground fraction leaves [0.5x, 2x] of its start value, restores the pre-adaptation weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .entropy import class_balanced_weights, normalized_entropy, predicted_labels
+from .errors import UserInputError
+from .inference import autocast
+from .merging import Probe, apply_batchnorm_policy
+from .progress import Progress
+
+ADAPT_METHODS = ("none", "tent", "dsbr")
+FOREGROUND_RANGE = (0.5, 2.0)  # allowed foreground fraction, relative to its value before adaptation
+NORMALIZATION_LAYERS = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)  # batch and instance norm share _NormBase
+
+
+@dataclass
+class AdaptationSettings:
+    method: str = "none"
+    steps: int = 10
+    learning_rate: float = 1e-3
+    seed: int = 0
+    restore_on_collapse: bool = True  # False: the guard only records when it would have fired (benchmarks)
+
+    def check(self) -> None:
+        if self.method not in ADAPT_METHODS:
+            raise UserInputError(f"unknown adaptation {self.method!r}; choose one of {', '.join(ADAPT_METHODS)}")
+        if self.steps < 1:
+            raise UserInputError(f"--adapt-steps must be at least 1, got {self.steps}")
+        if not self.learning_rate > 0:
+            raise UserInputError(f"--adapt-lr must be > 0, got {self.learning_rate}")
+
+
+@dataclass
+class AdaptationResult:
+    """What one adaptation did, step by step."""
+
+    method: str
+    parameters: int  # adapted scalars: the normalisation layers' weights and biases
+    losses: list[float] = field(default_factory=list)  # loss of step t, on the weights before its update
+    proportions: list[np.ndarray] = field(default_factory=list)  # (C,) predicted class fractions on the probe: start, after each step
+    guard: dict | None = None  # the first collapse the guard saw: rule, step, message
+    restored: bool = False  # the pre-adaptation weights segment the volume
+
+    def describe(self, class_names: Sequence[str], settings: AdaptationSettings) -> dict:
+        """The record for summary.json; ``proportions_after`` are those after the last step that ran."""
+        named = lambda fractions: {name: round(float(f), 6) for name, f in zip(class_names, fractions)}
+        return {
+            "method": self.method,
+            "steps": settings.steps,
+            "steps_run": len(self.losses),
+            "learning_rate": settings.learning_rate,
+            "seed": settings.seed,
+            "adapted_parameters": self.parameters,
+            "loss_per_step": [round(v, 6) for v in self.losses],
+            "proportions_before": named(self.proportions[0]),
+            "proportions_after": named(self.proportions[-1]),
+            "foreground_fraction_per_step": [round(1.0 - float(p[0]), 6) for p in self.proportions],
+            "guard_fired": self.guard is not None,
+            "guard": self.guard,
+            "restored": self.restored,
+        }
+
+
+def normalization_parameters(network: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The affine weight and bias of every batch, instance, group and layer norm of ``network``."""
+    return [
+        parameter
+        for module in network.modules() if isinstance(module, NORMALIZATION_LAYERS)
+        for parameter in (module.weight, module.bias) if parameter is not None
+    ]
+
+
+def adaptation_loss(probabilities: torch.Tensor, method: str, counts: torch.Tensor | None = None) -> torch.Tensor:
+    """The entropy loss of softmax ``probabilities`` (N, C, X, Y, Z), a scalar with gradient.
+
+    ``tent``: mean normalised voxel entropy. ``dsbr``: (1/|C_hat|) sum_c (1/n_c) sum_{v: y_v = c} h(v),
+    with y_v = argmax p(v) and n_c = |{v: y_v = c}| a stop-gradient count. ``counts`` (C,) are the
+    predicted-class counts over the whole probe when ``probabilities`` is only a batch of it; the
+    losses of the batches then sum to the loss of the probe.
+    """
+    entropy = normalized_entropy(probabilities, dim=1)
+    predicted = predicted_labels(probabilities.detach())
+    if counts is None:
+        counts = torch.bincount(predicted.flatten(), minlength=probabilities.shape[1])
+    counts = counts.to(entropy.device, torch.float32)
+    if method == "tent":
+        return entropy.sum() / counts.sum()
+    if method == "dsbr":
+        return (entropy * class_balanced_weights(counts)[predicted]).sum()
+    raise ValueError(f"unknown adaptation loss {method!r}")
+
+
+def collapse(start: np.ndarray, now: np.ndarray, class_names: Sequence[str]) -> tuple[str, str] | None:
+    """The guard: (rule, message) when the class proportions ``now`` have collapsed against ``start``, else None.
+
+    Both are (C,) fractions of the probe voxels predicted as each class; class 0 is the background.
+    """
+    vanished = [name for name, before, after in zip(class_names, start, now) if before > 0 and after == 0]
+    if vanished:
+        return "class_vanished", f"no probe voxel is predicted as {', '.join(vanished)} any more"
+    before, after = 1.0 - float(start[0]), 1.0 - float(now[0])
+    low, high = FOREGROUND_RANGE
+    if before > 0 and not low * before <= after <= high * before:
+        return "foreground_fraction", (f"the foreground fraction went from {before:.4f} to {after:.4f}, "
+                                       f"outside [{low:g}x, {high:g}x] of its start")
+    return None
+
+
+def adapt(
+    network: torch.nn.Module,
+    probe: Probe,
+    settings: AdaptationSettings,
+    device: torch.device,
+    batch_size: int = 2,
+    class_names: Sequence[str] | None = None,
+    progress: Progress | None = None,
+) -> tuple[torch.nn.Module, AdaptationResult]:
+    """Adapt a copy of ``network`` on the probe; ``network`` itself is never changed.
+
+    Returns the network to segment with (the adapted copy, or ``network`` when the guard restored
+    the pre-adaptation weights) and the record. Batch norms normalise with the probe's batch
+    statistics while adapting (TENT) and have their running statistics re-estimated on the probe
+    afterwards; instance norms need neither.
+    """
+    settings.check()
+    progress = progress or Progress()
+    adapted = copy.deepcopy(network).to(device).eval()
+    adapted.requires_grad_(False)
+    parameters = normalization_parameters(adapted)
+    if not parameters:
+        raise UserInputError("--adapt changes the normalisation layers' affine weights, but this network has none")
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+    batch_norms = [m for m in adapted.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for norm in batch_norms:
+        norm.train()
+    result = AdaptationResult(settings.method, sum(p.numel() for p in parameters))
+    optimizer = torch.optim.Adam(parameters, lr=settings.learning_rate)
+    batches = [probe.patches[start : start + batch_size] for start in range(0, probe.patches.shape[0], batch_size)]
+    with _deterministic(settings.seed, device):
+        counts = _predicted_counts(adapted, batches, device)
+        result.proportions.append((counts / counts.sum()).numpy())
+        names = list(class_names or [f"class {c}" for c in range(len(counts))])
+        for step in range(1, settings.steps + 1):
+            optimizer.zero_grad(set_to_none=True)
+            loss = 0.0
+            for batch in batches:
+                with autocast(device):
+                    logits = adapted(batch.to(device))
+                batch_loss = adaptation_loss(torch.softmax(logits.float(), dim=1), settings.method, counts)
+                batch_loss.backward()
+                loss += float(batch_loss.detach())
+            optimizer.step()
+            counts = _predicted_counts(adapted, batches, device)
+            result.losses.append(loss)
+            result.proportions.append((counts / counts.sum()).numpy())
+            progress.update(step / settings.steps, f"{settings.method.upper()} step {step}/{settings.steps}, loss {loss:.4f}")
+            collapsed = result.guard is None and collapse(result.proportions[0], result.proportions[-1], names)
+            if collapsed:
+                rule, message = collapsed
+                result.guard = {"rule": rule, "step": step, "message": message}
+                if settings.restore_on_collapse:
+                    result.restored = True
+                    progress.note(f"{settings.method.upper()} adaptation stopped at step {step}: {message}; "
+                                  "the pre-adaptation weights are used")
+                    return network, result
+    adapted.requires_grad_(False)
+    if batch_norms:
+        apply_batchnorm_policy(adapted, probe, "reestimate", device, batch_size)
+    return adapted.eval(), result
+
+
+def _predicted_counts(network: torch.nn.Module, batches: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """How many probe voxels ``network`` predicts as each class: (C,) float64 on the CPU."""
+    counts = None
+    with torch.no_grad(), autocast(device):
+        for batch in batches:
+            logits = network(batch.to(device))
+            found = torch.bincount(predicted_labels(logits).flatten(), minlength=logits.shape[1]).cpu().double()
+            counts = found if counts is None else counts + found
+    return counts
+
+
+@contextlib.contextmanager
+def _deterministic(seed: int, device: torch.device):
+    """Seeded random state and deterministic cuDNN kernels for the adaptation only; restored afterwards."""
+    cuda = device.type == "cuda"
+    flags = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    with torch.random.fork_rng(devices=[device] if cuda else []):
+        torch.manual_seed(seed)
+        if cuda:
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
