@@ -94,6 +94,7 @@ class RunOptions:
     volume_format: str = "nii.gz"
     trust_code: bool = False
     overwrite: bool = False
+    report: bool = False  # also write report.html (made from the committed outputs)
 
     def adaptive_settings(self) -> AdaptiveSettings:
         return AdaptiveSettings(
@@ -372,6 +373,10 @@ def run(options: RunOptions, progress: Progress | None = None) -> dict:
     except BaseException:
         output.abort()
         raise
+    if options.report:  # after the commit: a report that fails never costs the run's results
+        from .report import write_report
+
+        outputs["report"] = str(write_report(options.out, overwrite=True, progress=progress))
     progress.done(outputs)
     return dict(summary, outputs=outputs)
 
