@@ -1,7 +1,9 @@
 """A real headless Chromium (Debian's ``chromium`` package) driven by Playwright, for the HTML report.
 
 Playwright never downloads a browser here: it launches the system Chromium. Run as a script to
-take a screenshot of a report: ``python Testing/browser.py REPORT.html SCREENSHOT.png``.
+take a screenshot of a report: ``python Testing/browser.py REPORT.html SCREENSHOT.png [HEIGHT]``
+(the top HEIGHT CSS pixels of the page, else all of it, at 75 % scale with 256 colours, small
+enough for the README).
 """
 
 from __future__ import annotations
@@ -35,14 +37,14 @@ def missing_reason() -> str | None:
 
 
 @contextlib.contextmanager
-def browser_context(width: int = 1280, height: int = 900):
-    """A Playwright browser context of the system Chromium with a fresh, temporary profile."""
+def browser_context(width: int = 1280, height: int = 900, scale: float = 1.0):
+    """A Playwright browser context of the system Chromium with a fresh, temporary profile; ``scale``: device pixels per CSS pixel."""
     from playwright.sync_api import sync_playwright
 
     with tempfile.TemporaryDirectory(prefix="entropymerge-chromium-") as profile, sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
             profile, executable_path=str(chromium_path()), args=CHROMIUM_ARGS, headless=True,
-            viewport={"width": width, "height": height})
+            viewport={"width": width, "height": height}, device_scale_factor=scale)
         try:
             yield context
         finally:
@@ -62,13 +64,18 @@ def open_report(context, report: Path):
     return page, errors, requests
 
 
-def main(report: str, screenshot: str) -> None:
-    with browser_context() as context:
+def main(report: str, screenshot: str, height: str | None = None) -> None:
+    from PIL import Image
+
+    with browser_context(scale=0.75) as context:
         page, errors, _ = open_report(context, Path(report))
         if errors:
             sys.exit(f"console errors: {errors}")
-        page.screenshot(path=screenshot, full_page=True)
-    print(screenshot)
+        clip = {"x": 0, "y": 0, "width": 1280, "height": int(height)} if height else None
+        page.screenshot(path=screenshot, full_page=True, clip=clip)
+    image = Image.open(screenshot).convert("RGB")
+    image.quantize(256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE).save(screenshot, optimize=True)
+    print(f"{screenshot}: {image.size[0]} x {image.size[1]} pixels, {Path(screenshot).stat().st_size / 1e3:.0f} kB")
 
 
 if __name__ == "__main__":

@@ -70,7 +70,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, volume: str
         raise UserInputError(f"{out} already exists; choose another --out or add --overwrite")
     progress.stage("report", "writing the HTML report")
     summary = read_run_summary(run_dir)
-    target = read_volume(volume or summary["volume"]["path"], "target volume (from summary.json; give --volume if it moved)")
+    target = read_volume(volume, "target volume") if volume else read_volume(
+        summary["volume"]["path"], "target volume (from summary.json; give --volume if it moved)")
     outputs = summary["outputs"]
     merged = read_label_map(run_dir / outputs["segmentation"], target.geometry, "segmentation")
     entropy = read_volume(run_dir / outputs["entropy"], "entropy map")
@@ -107,7 +108,7 @@ def render_report(summary: dict, target: Volume, entropy: np.ndarray, layers: li
     """The HTML page; ``entropy`` and every layer's labels are (i, j, k) arrays on ``target``'s grid."""
     labels = tuple(Label(l["value"], l["name"], l["color"]) for l in summary["labels"])
     geometry = target.geometry
-    image = preview(target.array.astype(np.float32), geometry)
+    image = preview(target.array, geometry)
     merged = preview(layers[0].labels, geometry)
     low, high = intensity_window(image.array)
     colors = label_colormap(labels).colors
@@ -118,7 +119,7 @@ def render_report(summary: dict, target: Volume, entropy: np.ndarray, layers: li
         "layers": [{"title": layer.title, "subtitle": layer.subtitle, "labels": packed(preview(layer.labels, geometry), lambda a: a)}
                    for layer in layers],
         "label_colors": [[round(c * 255) for c in color[:3]] for color in colors],
-        "opacity": float(colors[1][3]) if len(colors) > 1 else 0.5,
+        "opacity": float(colors[-1][3]),
         "entropy_colors": (colormaps[ENTROPY_COLORMAP](np.linspace(0, 1, 256))[:, :3] * 255).round().astype(int).tolist(),
     }
     subsampled = max(geometry.shape) > MAX_PREVIEW_SIZE
