@@ -134,7 +134,7 @@ def test_same_table_serially_in_processes_and_on_dask(case_folder, models, tmp_p
         assert without_timings(table) == without_timings(serial), f"the {other} table differs from the serial one"
 
 
-def test_an_interrupted_batch_resumes(case_folder, models, tmp_path):
+def test_an_interrupted_batch_resumes(case_folder, models, tmp_path, capsys):
     out = tmp_path / "out"
     command = [sys.executable, "-m", "entropymerge", *batch_args(case_folder, models, out)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -150,7 +150,11 @@ def test_an_interrupted_batch_resumes(case_folder, models, tmp_path):
     assert not list(out.glob("*/.entropymerge-partial-*")), "the interrupted case left nothing half-written"
     assert not (out / "batch.csv").exists()
 
-    assert main(batch_args(case_folder, models, out)) == ExitCode.CASES_FAILED
+    assert main(batch_args(case_folder, models, out, "--progress", "json")) == ExitCode.CASES_FAILED
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    fractions = [r["fraction"] for r in records if r["type"] == "progress"]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0 and len(fractions) == CASES + 2, "one step per case"
+    assert records[-1] == {"type": "done", "fraction": 1.0, "outputs": {"table": str(out / "batch.csv")}}
     rows = {row["case"]: row for row in read_table(out / "batch.csv")}
     assert {name for name, row in rows.items() if row["status"] == "resumed"} == set(finished)
     assert {name for name, row in rows.items() if row["status"] == "completed"} == {f"cbct_{990000 + s:05d}" for s in range(CASES)} - set(finished)

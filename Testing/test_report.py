@@ -13,10 +13,11 @@ import pytest
 from matplotlib.image import imread
 
 from browser import browser_context, missing_reason, open_report
-from conftest import SAMPLE_LABELS_MODEL, write_tiny_model
+from conftest import SAMPLE_LABELS_MODEL, shared_file, write_tiny_model
 from entropymerge.cli import main
 from entropymerge.figures import VIEWS, canonical
 from entropymerge.pipeline import RunOptions, run
+from entropymerge.report import MAX_PREVIEW_SIZE, preview
 from entropymerge.sampledata import site, write_case
 from entropymerge.volume import read_volume
 
@@ -163,3 +164,13 @@ def test_report_command(tiny_case, tmp_path, capsys):
     fails(str(out), "--out", str(tmp_path / "other.html"), message="give --volume if it moved")
     assert main(["report", str(out), "--out", str(tmp_path / "other.html"), "--volume", str(tmp_path / "moved.nii.gz")]) == 0
     assert (tmp_path / "other.html").stat().st_size > 10_000
+
+
+def test_large_volumes_are_shown_subsampled():
+    volume = read_volume(shared_file("spleen_msd_ct_ivadomed/sub-spleen2_ct.nii.gz"))  # 164 x 166 x 26 voxels
+    full = canonical(volume.array, volume.geometry)
+    shown = preview(volume.array, volume.geometry)
+    steps = [2 if n > MAX_PREVIEW_SIZE else 1 for n in full.array.shape]
+    assert max(shown.array.shape) <= MAX_PREVIEW_SIZE and steps.count(2) == 2
+    np.testing.assert_array_equal(shown.array, full.array[:: steps[0], :: steps[1], :: steps[2]])
+    assert shown.spacing == pytest.approx([s * k for s, k in zip(full.spacing, steps)])

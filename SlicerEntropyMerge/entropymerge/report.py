@@ -127,7 +127,7 @@ def render_report(summary: dict, target: Volume, entropy: np.ndarray, layers: li
     body = "\n".join([
         f"<header><h1>EntropyMerge report: {_e(name)}</h1>{_run_facts(summary)}</header>",
         _views_section(labels, subsampled),
-        _grid_section(summary, layers),
+        _grid_section(layers),
         _coefficients_section(summary),
         _evaluation_section(summary),
         _ranking_section(summary),
@@ -256,7 +256,7 @@ def _colour_bar(width: int = 360) -> str:
             f"<text x=\"{10 + width / 2}\" y=\"60\" text-anchor=\"middle\">{_e(ENTROPY_LABEL)}</text></svg>")
 
 
-def _grid_section(summary: dict, layers: list[Layer]) -> str:
+def _grid_section(layers: list[Layer]) -> str:
     radios = "".join(f"<label><input type=\"radio\" name=\"grid-view\" value=\"{view}\"{' checked' if view == 'axial' else ''}> "
                      f"{view}</label> " for view in VIEWS)
     cells = "".join(f"<figure class=\"cell\"><div class=\"frame\"><canvas data-layer=\"{i}\"></canvas></div>"
