@@ -66,7 +66,8 @@ def test_cases_in_a_folder(tmp_path):
 def test_cases_in_a_csv(tmp_path):
     table = tmp_path / "lists" / "cases.csv"
     table.parent.mkdir()
-    table.write_text(f"case,volume,reference\nliver-2,scans/two.nii.gz,\nliver-1,{tmp_path}/one.nrrd,labels/one.nrrd\n")
+    rows = f"case,volume,reference\nliver-2,scans/two.nii.gz,\nliver-1,{tmp_path}/one.nrrd,labels/one.nrrd\n"
+    table.write_text(rows, encoding="utf-8-sig")  # as Excel saves it, with a byte-order mark
     assert discover_cases(table) == [
         BatchCase("liver-1", tmp_path / "one.nrrd", table.parent / "labels" / "one.nrrd"),
         BatchCase("liver-2", table.parent / "scans" / "two.nii.gz", None),

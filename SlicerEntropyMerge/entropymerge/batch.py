@@ -94,7 +94,7 @@ def _cases_in_folder(folder: Path) -> list[BatchCase]:
 def _cases_in_csv(path: Path) -> list[BatchCase]:
     """Rows ``case,volume[,reference]``; relative paths are relative to the CSV's folder."""
     try:
-        with path.open(newline="") as stream:
+        with path.open(newline="", encoding="utf-8-sig") as stream:  # Excel writes a byte-order mark
             reader = csv.DictReader(stream)
             columns = set(reader.fieldnames or ())
             if not {"case", "volume"} <= columns:
