@@ -53,13 +53,15 @@ def without_timings(rows: list[dict]) -> list[dict]:
 
 
 def test_cases_in_a_folder(tmp_path):
-    for name in ("b_image.nii.gz", "b_labels.nii.gz", "a.nrrd", "a_labels.nrrd", "c.mha", "notes.txt", "c_labels.nii.gz"):
+    for name in ("b_image.nii.gz", "b_labels.nii.gz", "a.nrrd", "a_labels.nrrd", "c.mha", "notes.txt", "c_labels.nii.gz",
+                 "d.nii", "d_seg.nii", "e_mask.mha"):
         (tmp_path / name).touch()
     (tmp_path / "results").mkdir()
     assert discover_cases(tmp_path) == [
         BatchCase("a", tmp_path / "a.nrrd", tmp_path / "a_labels.nrrd"),
         BatchCase("b", tmp_path / "b_image.nii.gz", tmp_path / "b_labels.nii.gz"),
         BatchCase("c", tmp_path / "c.mha", None),  # a reference has the volume's suffix
+        BatchCase("d", tmp_path / "d.nii", tmp_path / "d_seg.nii"),  # label maps named as the Slicer module knows them
     ]
 
 

@@ -31,6 +31,9 @@ from .report import REPORT_NAME, write_report
 from .volume import FILE_SUFFIXES
 
 TABLE_NAME = "batch.csv"
+# A volume file whose name ends so (before the suffix) is a label map, not a case: the reference of
+# the case it names (the same rule as the Slicer module's case folders).
+LABEL_MAP_ENDINGS = ("_labels", "_label", "_seg", "_segmentation", "_mask")
 ERROR_NAME = "error.txt"
 LEADING_COLUMNS = ("case", "status", "error", "volume", "reference", "method")
 DASK_CONNECT_TIMEOUT_S = 10
@@ -70,24 +73,25 @@ def discover_cases(source: str | os.PathLike) -> list[BatchCase]:
     return sorted(cases, key=lambda case: case.name)
 
 
-def _volume_stem(name: str) -> tuple[str, str] | None:
-    """(stem, suffix) of a volume file name, or None for other files."""
+def split_volume_name(name: str) -> tuple[str, str] | None:
+    """(stem, suffix) of a volume file name (``case1.nii.gz`` -> ``("case1", ".nii.gz")``), or None for other files."""
     suffix = next((s for s in FILE_SUFFIXES if name.lower().endswith(s)), None)
     return (name[: -len(suffix)], name[-len(suffix):]) if suffix else None
 
 
 def _cases_in_folder(folder: Path) -> list[BatchCase]:
-    """Every volume file; ``CASE_labels.<suffix>`` is the reference of ``CASE.<suffix>`` or ``CASE_image.<suffix>``."""
+    """Every volume file but label maps; ``CASE_labels.<suffix>`` (or another label-map ending) is the
+    reference of ``CASE.<suffix>`` or ``CASE_image.<suffix>``."""
     folder = folder.absolute()
     cases = []
     for path in sorted(p for p in folder.iterdir() if p.is_file()):
-        parts = _volume_stem(path.name)
-        if parts is None or parts[0].endswith("_labels"):
+        parts = split_volume_name(path.name)
+        if parts is None or parts[0].lower().endswith(LABEL_MAP_ENDINGS):
             continue
         stem, suffix = parts
         name = stem.removesuffix("_image")
-        reference = folder / f"{name}_labels{suffix}"
-        cases.append(BatchCase(_checked_name(name, path), path, reference if reference.is_file() else None))
+        references = [folder / f"{name}{ending}{suffix}" for ending in LABEL_MAP_ENDINGS]
+        cases.append(BatchCase(_checked_name(name, path), path, next((r for r in references if r.is_file()), None)))
     return cases
 
 
