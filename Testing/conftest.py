@@ -58,15 +58,25 @@ def make_card(name: str = "site", classes: int = 3, orientation: str | None = "R
     return card
 
 
+# Card changes for a tiny model of the simulated sites' four labels: 4 mm model space, so cases run
+# fast, and first-layer channels unlike the class count, so the head is found.
+SAMPLE_LABELS_MODEL = {"classes": 4, "spacing": (4.0, 4.0, 4.0), "network": {**tiny_unet_spec(1, 4), "channels": [6, 12, 24]}}
+
+
+def write_tiny_model(folder: Path, name: str = "site", seed: int = 0, **card_changes) -> Path:
+    """A small randomly initialised UNet site model (safetensors + card) in ``folder``; returns the card path."""
+    card = make_card(name, **card_changes)
+    torch.manual_seed(seed)
+    network = build_network(card.network, "test")
+    return save_site_model(network, card, folder, name)
+
+
 @pytest.fixture
 def model_factory(tmp_path):
     """Writes a small randomly initialised UNet site model (safetensors + card); returns the card path."""
 
     def make(name: str = "site", seed: int = 0, folder: Path | None = None, **card_changes) -> Path:
-        card = make_card(name, **card_changes)
-        torch.manual_seed(seed)
-        network = build_network(card.network, "test")
-        return save_site_model(network, card, folder or tmp_path / "models", name)
+        return write_tiny_model(folder or tmp_path / "models", name, seed, **card_changes)
 
     return make
 

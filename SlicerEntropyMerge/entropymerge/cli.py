@@ -1,6 +1,7 @@
 """The ``entropymerge`` command line.
 
-Exit codes: 0 success, 2 bad input (one message, no traceback), 1 internal error, 130 cancelled.
+Exit codes: 0 success, 2 bad input (one message, no traceback), 1 internal error, 130 cancelled,
+3 a batch finished but some of its cases failed.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def build_parser() -> ArgumentParser:
     add_method_options(run)
     add_common_run_options(run)
     add_adaptation_options(run)
+    add_report_option(run)
     run.set_defaults(handler=command_run)
     add_path_command(commands)
 
@@ -96,6 +98,8 @@ def build_parser() -> ArgumentParser:
     models.add_argument("--trust-bundle-code", dest="trust_code", action="store_true", help="allow code in bundles and TorchScript models")
     models.add_argument("--json", action="store_true", help="one JSON object on stdout (for the Slicer module)")
     models.set_defaults(handler=command_models, progress="none")
+    add_report_command(commands)
+    add_batch_command(commands)
 
     fetch = commands.add_parser("fetch-weights", help="download a feature extractor's weights (explicit, checksum-verified)")
     fetch.add_argument("extractor", choices=("anatomix",))
@@ -197,6 +201,65 @@ def command_path(args, progress: Progress) -> None:
         print(f"path:    {summary['outputs']['path_csv']}\n         {summary['outputs']['path_png']}")
 
 
+def add_report_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--report", action="store_true",
+                        help="also write report.html: one self-contained page with views, entropy, site-model grid, coefficients, tables")
+
+
+def add_report_command(commands) -> None:
+    report = commands.add_parser("report", help="one self-contained HTML page of a finished run (opens offline in any browser)")
+    report.add_argument("run_dir", type=Path, help="output folder of a finished run (holds summary.json)")
+    report.add_argument("--out", type=Path, help="HTML file to write (default: RUN_DIR/report.html)")
+    report.add_argument("--volume", type=Path, help="the target volume, if it moved since the run (default: the path in summary.json)")
+    report.add_argument("--overwrite", action="store_true", help="replace an existing report file")
+    report.set_defaults(handler=command_report, progress="none")
+
+
+def command_report(args, progress: Progress) -> None:
+    from .report import write_report
+
+    print(f"report: {write_report(args.run_dir, args.out, args.volume, args.overwrite, progress)}")
+
+
+def add_batch_command(commands) -> None:
+    batch = commands.add_parser("batch", help="one run per case of a folder or CSV; resumable; serial, local processes or Dask")
+    batch.add_argument("--cases", required=True, type=Path,
+                       help="folder of volumes (CASE.nii.gz or CASE_image.nii.gz; CASE_labels.nii.gz beside one is its reference) "
+                            "or a CSV with the columns case,volume,reference")
+    batch.add_argument("--model", dest="models", action="append", required=True, type=Path, help="site model, as for run; repeat")
+    batch.add_argument("--out", required=True, type=Path, help="output folder: OUT/CASE/ per case and the table OUT/batch.csv")
+    scale = batch.add_mutually_exclusive_group()
+    scale.add_argument("--workers", type=positive_int, default=1, help="cases run at once in local processes (default 1: one by one)")
+    scale.add_argument("--scheduler", help="address of a Dask distributed scheduler (tcp://HOST:8786); its workers must see the same files")
+    batch.add_argument("--threads-per-case", type=positive_int, default=1,
+                       help="torch threads of each case (default 1; results are identical for the same value however the cases run)")
+    add_method_options(batch)
+    add_adaptation_options(batch)
+    add_common_run_options(batch)
+    add_report_option(batch)
+    batch.set_defaults(handler=command_batch)
+
+
+def command_batch(args, progress: Progress) -> int:
+    from .batch import discover_cases, run_batch
+    from .pipeline import RunOptions
+
+    if args.reference or args.scribbles:
+        raise UserInputError("batch takes references with the cases (CASE_labels.nii.gz beside the volume, or the CSV's "
+                             "reference column), not --reference or --scribbles")
+    cases = discover_cases(args.cases)
+    # each case sets its own volume, reference and output folder
+    options = RunOptions(volume=Path(), **{k: v for k, v in vars(args).items() if k in RunOptions.__dataclass_fields__})
+    result = run_batch(cases, options, args.out, args.workers, args.scheduler, args.threads_per_case, progress)
+    if args.progress != "json":
+        counts = {status: sum(r["status"] == status for r in result.rows) for status in ("completed", "resumed", "failed")}
+        print(f"{len(result.rows)} cases: {counts['completed']} completed, {counts['resumed']} already complete, {counts['failed']} failed")
+        for name in result.failed:
+            print(f"failed: {name} (see {args.out / name / 'error.txt'})")
+        print(f"table: {result.table}")
+    return ExitCode.CASES_FAILED if result.failed else ExitCode.OK
+
+
 def command_run(args, progress: Progress) -> None:
     from .pipeline import RunOptions, run
 
@@ -207,6 +270,8 @@ def command_run(args, progress: Progress) -> None:
         print(f"entropy map:  {summary['outputs']['entropy']}")
         if summary.get("ranking"):
             print(f"ranking:      {summary['outputs']['ranking']}")
+        if "report" in summary["outputs"]:
+            print(f"report:       {summary['outputs']['report']}")
         print(f"summary:      {summary['outputs']['summary']}")
 
 
@@ -302,8 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         progress = make_progress(getattr(args, "progress", "auto"))
         quiet_libraries()
-        args.handler(args, progress)
-        return ExitCode.OK
+        return args.handler(args, progress) or ExitCode.OK  # a handler may return another code (batch: cases failed)
     except UserInputError as error:
         return fail(progress, f"error: {error}", ExitCode.BAD_INPUT)
     except (Cancelled, KeyboardInterrupt):

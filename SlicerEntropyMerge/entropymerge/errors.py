@@ -11,6 +11,7 @@ class ExitCode(enum.IntEnum):
     OK = 0
     INTERNAL_ERROR = 1
     BAD_INPUT = 2
+    CASES_FAILED = 3  # a batch ran to the end, but some cases failed
     CANCELLED = 130
 
 

@@ -16,6 +16,7 @@ from .modelcard import Label  # noqa: E402
 from .volume import Geometry  # noqa: E402
 
 VIEWS = ("axial", "coronal", "sagittal")
+VIEW_AXES = {"axial": 2, "coronal": 1, "sagittal": 0}  # the RAS axis each view slices across
 ENTROPY_COLORMAP = "magma"
 ENTROPY_LABEL = "normalised entropy (0 certain, 1 uniform)"
 
@@ -29,7 +30,7 @@ class CanonicalVolume:
 
     def slice(self, view: str, index: int | None = None) -> tuple[np.ndarray, float]:
         """The 2D slice to show with ``imshow(origin="lower")`` and its aspect ratio (height/width per pixel)."""
-        axis = {"axial": 2, "coronal": 1, "sagittal": 0}[view]
+        axis = VIEW_AXES[view]
         index = self.array.shape[axis] // 2 if index is None else index
         # Flipping the first in-plane axis puts the patient's right (axial, coronal) and front
         # (sagittal) on the left of the screen, as radiology viewers and 3D Slicer show them.
@@ -54,7 +55,7 @@ def label_colormap(labels: tuple[Label, ...]) -> ListedColormap:
 
 def busiest_slice(labels: CanonicalVolume, view: str = "axial") -> int:
     """The slice with the most foreground (so the figure shows the structures)."""
-    axis = {"axial": 2, "coronal": 1, "sagittal": 0}[view]
+    axis = VIEW_AXES[view]
     counts = (labels.array > 0).sum(axis=tuple(a for a in range(3) if a != axis))
     return int(np.argmax(counts)) if counts.any() else labels.array.shape[axis] // 2
 

@@ -98,6 +98,7 @@ class RunOptions:
     adapt: str = "none"  # test-time adaptation of the merged network: none, tent or dsbr
     adapt_steps: int = AdaptationSettings.steps
     adapt_lr: float = AdaptationSettings.learning_rate
+    report: bool = False  # also write report.html (made from the committed outputs)
 
     def adaptive_settings(self) -> AdaptiveSettings:
         return AdaptiveSettings(
@@ -386,6 +387,10 @@ def run(options: RunOptions, progress: Progress | None = None) -> dict:
     except BaseException:
         output.abort()
         raise
+    if options.report:  # after the commit: a report that fails never costs the run's results
+        from .report import write_report
+
+        outputs["report"] = str(write_report(options.out, overwrite=True, progress=progress))
     progress.done(outputs)
     return dict(summary, outputs=outputs)
 
