@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Annotated, Optional, Union
 
 import qt
-import vtk
-
 import slicer
+import vtk
 from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
@@ -60,6 +59,7 @@ class SlicerEntropyMerge(ScriptedLoadableModule):
 def registerSampleData():
     """Register the bundled target scans with the Sample Data module; they load from the extension itself."""
     import SampleData
+
     from entropymerge.sampledata import bundled_targets
 
     icon = os.path.join(os.path.dirname(__file__), "Resources", "Icons", "SlicerEntropyMerge.png")
@@ -533,11 +533,13 @@ class SlicerEntropyMergeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
     def updateCaseButtons(self) -> None:
         count = len(self.caseFiles)
         if not count:
-            self.ui.caseLabel.text = _("no cases in the chosen folder") if self._parameterNode and self._parameterNode.caseFolder else _("no case folder chosen")
+            folder_chosen = self._parameterNode and self._parameterNode.caseFolder
+            self.ui.caseLabel.text = _("no cases in the chosen folder") if folder_chosen else _("no case folder chosen")
         elif self.caseIndex < 0:
             self.ui.caseLabel.text = _("{count} cases; Next loads the first").format(count=count)
         else:
-            self.ui.caseLabel.text = _("case {index} of {count}: {name}").format(index=self.caseIndex + 1, count=count, name=self.caseFiles[self.caseIndex].name)
+            name = self.caseFiles[self.caseIndex].name
+            self.ui.caseLabel.text = _("case {index} of {count}: {name}").format(index=self.caseIndex + 1, count=count, name=name)
         idle = self.job is None
         self.ui.previousCaseButton.enabled = idle and self.caseIndex > 0
         self.ui.nextCaseButton.enabled = idle and self.caseIndex + 1 < count

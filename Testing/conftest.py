@@ -5,14 +5,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from entropymerge.modelcard import InferenceSettings, ModelCard, Preprocessing, default_labels
+from entropymerge.modelcard import FeatureSpec, InferenceSettings, ModelCard, Preprocessing, default_labels
 from entropymerge.models import save_site_model
 from entropymerge.safeconfig import build_network
+from entropymerge.volume import Geometry, write_volume
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("ENTROPYMERGE_SHARED_DATA", REPOSITORY.parent / "shared" / "data"))
@@ -39,7 +42,8 @@ def tiny_unet_spec(in_channels: int = 1, classes: int = 3) -> dict:
     }
 
 
-def make_card(name: str = "site", classes: int = 3, orientation: str | None = "RAS", spacing=(2.0, 2.0, 2.0), roi=(32, 32, 32), **changes) -> ModelCard:
+def make_card(name: str = "site", classes: int = 3, orientation: str | None = "RAS", spacing=(2.0, 2.0, 2.0), roi=(32, 32, 32),
+              **changes) -> ModelCard:
     card = ModelCard(
         name=name,
         site=f"{name} hospital",
@@ -86,3 +90,34 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "entropymerge", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=900
     )
+
+
+@pytest.fixture(scope="module")
+def mind_models(tmp_path_factory):
+    """Three MIND-feature site models fine-tuned (here: perturbed) from one shared initialisation."""
+    folder = tmp_path_factory.mktemp("mind-models")
+    card = replace(make_card("base"), input_channels=13, features=FeatureSpec("mind-ssc", "1", 12), network=tiny_unet_spec(13, 3))
+    torch.manual_seed(0)
+    base = build_network(card.network, "test")
+    for k in range(3):
+        network = build_network(card.network, "test")
+        network.load_state_dict(base.state_dict())
+        generator = torch.Generator().manual_seed(k + 1)
+        with torch.no_grad():
+            for parameter in network.parameters():
+                parameter.add_(0.05 * (k + 1) * torch.randn(parameter.shape, generator=generator))
+        save_site_model(network, replace(card, name=f"site{k}"), folder, f"site{k}")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sphere_case(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("case")
+    geometry = Geometry((40, 36, 28), (2.0, 2.0, 2.5), (10.0, -4.0, 3.0), ((1, 0, 0), (0, 1, 0), (0, 0, 1)))
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in geometry.shape], indexing="ij"))
+    labels = np.zeros(geometry.shape, np.uint8)
+    labels[((grid[0] - 20) ** 2 + (grid[1] - 18) ** 2 + (grid[2] - 14) ** 2) < 64] = 1
+    labels[((grid[0] - 12) ** 2 + (grid[1] - 10) ** 2 + (grid[2] - 14) ** 2) < 16] = 2
+    image = 100.0 * labels + np.random.default_rng(0).normal(0, 10, geometry.shape)
+    return (write_volume(image.astype(np.float32), geometry, folder / "image.nii.gz"),
+            write_volume(labels, geometry, folder / "labels.nii.gz"))

@@ -10,22 +10,14 @@ import pytest
 import torch
 
 from conftest import make_card
-from test_adaptive_merging import LAST_CONV, phantom_probe_inputs
-from test_methods_cli import mind_models, sphere_case  # noqa: F401 (fixtures)
 from entropymerge.adaptation import AdaptationSettings, adapt, adaptation_loss, collapse, normalization_parameters
 from entropymerge.cli import main
 from entropymerge.entropy import class_balanced_entropy
 from entropymerge.errors import UserInputError
-from entropymerge.merging import (
-    AdaptiveSettings,
-    adaptive_plan,
-    apply_batchnorm_policy,
-    interpolate,
-    probe_probabilities,
-    select_probe,
-)
+from entropymerge.merging import AdaptiveSettings, adaptive_plan, apply_batchnorm_policy, interpolate, probe_probabilities, select_probe
 from entropymerge.models import load_site_model, save_site_model
 from entropymerge.safeconfig import build_network
+from test_adaptive_merging import LAST_CONV, phantom_probe_inputs
 
 CPU = torch.device("cpu")
 

@@ -10,9 +10,9 @@ import torch
 from monai.data import create_test_image_3d
 
 from conftest import run_cli, shared_file
-from test_models import FileCreatingPayload
 from entropymerge.cli import main
 from entropymerge.volume import Geometry, write_volume
+from test_models import FileCreatingPayload
 
 
 def assert_on_input_grid(output, reference):

@@ -1,51 +1,16 @@
 """Every method and baseline through ``entropymerge run``: coefficients, statistics, metrics, bad options."""
 
 import json
-from dataclasses import replace
 
 import nibabel
 import numpy as np
 import pytest
-import torch
 
-from conftest import make_card, shared_file, tiny_unet_spec
+from conftest import shared_file
 from entropymerge.cli import main
 from entropymerge.metrics import dice, evaluate, hd95_mm
-from entropymerge.modelcard import FeatureSpec, default_labels
-from entropymerge.models import save_site_model
-from entropymerge.safeconfig import build_network
+from entropymerge.modelcard import default_labels
 from entropymerge.volume import Geometry, write_volume
-
-
-@pytest.fixture(scope="module")
-def mind_models(tmp_path_factory):
-    """Three MIND-feature site models fine-tuned (here: perturbed) from one shared initialisation."""
-    folder = tmp_path_factory.mktemp("mind-models")
-    card = replace(make_card("base"), input_channels=13, features=FeatureSpec("mind-ssc", "1", 12), network=tiny_unet_spec(13, 3))
-    torch.manual_seed(0)
-    base = build_network(card.network, "test")
-    for k in range(3):
-        network = build_network(card.network, "test")
-        network.load_state_dict(base.state_dict())
-        generator = torch.Generator().manual_seed(k + 1)
-        with torch.no_grad():
-            for parameter in network.parameters():
-                parameter.add_(0.05 * (k + 1) * torch.randn(parameter.shape, generator=generator))
-        save_site_model(network, replace(card, name=f"site{k}"), folder, f"site{k}")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def sphere_case(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("case")
-    geometry = Geometry((40, 36, 28), (2.0, 2.0, 2.5), (10.0, -4.0, 3.0), ((1, 0, 0), (0, 1, 0), (0, 0, 1)))
-    grid = np.stack(np.meshgrid(*[np.arange(s) for s in geometry.shape], indexing="ij"))
-    labels = np.zeros(geometry.shape, np.uint8)
-    labels[((grid[0] - 20) ** 2 + (grid[1] - 18) ** 2 + (grid[2] - 14) ** 2) < 64] = 1
-    labels[((grid[0] - 12) ** 2 + (grid[1] - 10) ** 2 + (grid[2] - 14) ** 2) < 16] = 2
-    image = 100.0 * labels + np.random.default_rng(0).normal(0, 10, geometry.shape)
-    return (write_volume(image.astype(np.float32), geometry, folder / "image.nii.gz"),
-            write_volume(labels, geometry, folder / "labels.nii.gz"))
 
 
 def run(tmp_path, *args) -> dict:
@@ -130,13 +95,15 @@ def test_bad_method_options(tmp_path, capsys, mind_models, sphere_case):
     assert "--head-temperature must be > 0" in failing(tmp_path, capsys, "--volume", image, "--model", mind_models, "--head-temperature", "-1")
     assert "needs --reference" in failing(tmp_path, capsys, "--volume", image, "--model", mind_models, "--method", "oracle")
     assert "trained with mind-ssc features" in failing(tmp_path, capsys, "--volume", image, "--model", mind_models, "--features", "anatomix")
-    other = write_volume(np.zeros((10, 10, 10), np.uint8), Geometry((10, 10, 10), (1, 1, 1), (0, 0, 0), ((1, 0, 0), (0, 1, 0), (0, 0, 1))), tmp_path / "other.nii.gz")
+    other_grid = Geometry((10, 10, 10), (1, 1, 1), (0, 0, 0), ((1, 0, 0), (0, 1, 0), (0, 0, 1)))
+    other = write_volume(np.zeros((10, 10, 10), np.uint8), other_grid, tmp_path / "other.nii.gz")
     message = failing(tmp_path, capsys, "--volume", image, "--model", mind_models, "--reference", other)
     assert "not on the target volume's grid" in message and "shape (10, 10, 10)" in message and "shape (40, 36, 28)" in message
     volume_geometry = nibabel.load(str(labels))
     strange = tmp_path / "strange.nii.gz"
     nibabel.save(nibabel.Nifti1Image(np.full(volume_geometry.shape, 7, np.uint8), volume_geometry.affine), str(strange))
-    assert "label values [7] that the models do not know" in failing(tmp_path, capsys, "--volume", image, "--model", mind_models, "--reference", strange)
+    message = failing(tmp_path, capsys, "--volume", image, "--model", mind_models, "--reference", strange)
+    assert "label values [7] that the models do not know" in message
 
 
 def test_dice_and_hd95_by_hand():

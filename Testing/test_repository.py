@@ -2,6 +2,7 @@
 
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -49,3 +50,10 @@ def test_cmake_lists_every_module_file():
     listed = listed_in_cmake()
     assert not sorted(on_disk - listed), f"add to SlicerEntropyMerge/CMakeLists.txt: {sorted(on_disk - listed)}"
     assert not sorted(listed - on_disk), f"listed but missing: {sorted(listed - on_disk)}"
+
+
+def test_code_passes_the_linter():
+    """pyflakes errors, pycodestyle errors and import order (settings in pyproject.toml) over all Python code."""
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "SlicerEntropyMerge", "Testing", "benchmarks"],
+                            cwd=REPOSITORY, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -1,6 +1,5 @@
 """The synthetic multi-site generator and the training recipe (re-trained here in a tiny version)."""
 
-import json
 
 import numpy as np
 import pytest
@@ -8,9 +7,9 @@ import torch
 
 from entropymerge.cli import main
 from entropymerge.models import check_compatible, load_site_models
+from entropymerge.safeconfig import build_network
 from entropymerge.sampledata import LABEL_NAMES, SOURCE_SITES, TARGET_SITES, TISSUES, simulate, write_case
 from entropymerge.training import TrainingConfig, case_seed, model_card, prepare_cases, train_stage
-from entropymerge.safeconfig import build_network
 from entropymerge.volume import read_volume
 
 

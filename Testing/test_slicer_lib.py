@@ -13,7 +13,7 @@ import pytest
 import torch
 
 slicer = pytest.importorskip("slicer", reason="the slicer-core wheel (test extra) provides the MRML scene")
-import slicer.util  # noqa: E402
+import slicer.util  # noqa: E402, F811
 import vtk  # noqa: E402
 
 from conftest import make_card  # noqa: E402

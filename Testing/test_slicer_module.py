@@ -7,9 +7,10 @@ import ast
 import re
 import subprocess
 import sys
-import tomllib
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
+
+import tomllib
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 MODULE = REPOSITORY / "SlicerEntropyMerge"

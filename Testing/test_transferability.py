@@ -11,18 +11,8 @@ import torch
 from entropymerge.cli import main
 from entropymerge.models import load_site_model
 from entropymerge.ranking import features_at, find_taps
-from entropymerge.transferability import (
-    UNLABELLED,
-    fuse,
-    fusion_weight,
-    grtd,
-    lbtc,
-    logme,
-    sample_voxels,
-    weighted_kendall_tau,
-)
+from entropymerge.transferability import UNLABELLED, fuse, fusion_weight, grtd, lbtc, logme, sample_voxels, weighted_kendall_tau
 from entropymerge.volume import Geometry, read_volume, write_volume
-from test_methods_cli import mind_models, sphere_case  # noqa: F401  (module-scoped fixtures)
 
 SIZES = (700, 150, 40, 20)
 
@@ -227,7 +217,8 @@ def test_ranking_bad_inputs(tmp_path, mind_models, sphere_case, model_factory, c
     path = write_volume(one_class, geometry, tmp_path / "one.nii.gz")
     assert run_rank(tmp_path, "--volume", image, "--model", mind_models, "--scribbles", path)[0] == 2
     assert "paint at least two classes" in capsys.readouterr().err
-    other = write_volume(np.zeros((5, 5, 5), np.uint8), Geometry((5, 5, 5), (1, 1, 1), (0, 0, 0), ((1, 0, 0), (0, 1, 0), (0, 0, 1))), tmp_path / "o.nii.gz")
+    other_grid = Geometry((5, 5, 5), (1, 1, 1), (0, 0, 0), ((1, 0, 0), (0, 1, 0), (0, 0, 1)))
+    other = write_volume(np.zeros((5, 5, 5), np.uint8), other_grid, tmp_path / "o.nii.gz")
     assert run_rank(tmp_path, "--volume", image, "--model", mind_models, "--scribbles", other)[0] == 2
     assert "not on the target volume's grid" in capsys.readouterr().err
     strange = np.full(geometry.shape, 255, np.uint8)

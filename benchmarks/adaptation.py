@@ -46,7 +46,8 @@ def main(argv=None) -> int:
     models = args.models or bundled_models("dropgen")
     started = time.perf_counter()
     lines = [
-        f"Site models: {args.models or 'the bundled DropGen models'}. Targets: the bundled sample targets ({', '.join(t.name for t in bundled_targets())}). "
+        f"Site models: {args.models or 'the bundled DropGen models'}. "
+        f"Targets: the bundled sample targets ({', '.join(t.name for t in bundled_targets())}). "
         f"Start: the entropy-adaptive merge (default settings) and its probe (8 patches). Adam on the normalisation "
         f"affines, seed {args.seed}. fg = foreground fraction of the full-volume segmentation (reference in brackets); "
         "probe fg = foreground fraction on the probe relative to its start.",

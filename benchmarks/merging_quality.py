@@ -38,14 +38,14 @@ def parse_variant(text: str) -> tuple[str, AdaptiveSettings]:
     return text, settings
 
 
-def evaluate_model_set(models: Path, targets, settings: AdaptiveSettings, variants: dict, device: str, log) -> dict:
+def evaluate_model_set(models: Path, targets, settings: AdaptiveSettings, variants: dict, probe_patches: int, device: str, log) -> dict:
     """{method key: {target name: mean Dice}} for one set of site models."""
     dice: dict[str, dict[str, float]] = defaultdict(dict)
     for name, image, labels in targets:
         options = RunOptions(volume=image, models=[models], reference=labels, device=device, statistic=settings.statistic,
                              temperature=settings.temperature, head_temperature=settings.head_temperature)
         case = load_case(options, Progress(), Timings())
-        comparison = compare_methods(case, settings, variants=variants)
+        comparison = compare_methods(case, settings, probe_patches=probe_patches, variants=variants)
         for result in comparison.results:
             key = "site models (mean of singles)" if result.key.startswith("site:") else result.key
             if key.startswith("site models"):
@@ -72,6 +72,7 @@ def main(argv=None) -> int:
     parser.add_argument("--statistic", default="foreground_entropy", choices=STATISTICS)
     parser.add_argument("--temperature", type=float, default=0.05)
     parser.add_argument("--variant", action="append", default=[], help="extra adaptive variant statistic:temperature; repeat")
+    parser.add_argument("--probe-patches", type=int, default=8, help="probe patches per target (default 8, as entropymerge run)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args(argv)
@@ -90,13 +91,15 @@ def main(argv=None) -> int:
         results = {}
         for label, models in model_sets.items():
             print(f"{label}: {models}", file=sys.stderr)
-            results[label] = evaluate_model_set(models, targets, settings, variants, args.device, lambda m: print(m, file=sys.stderr))
+            results[label] = evaluate_model_set(models, targets, settings, variants, args.probe_patches, args.device,
+                                                lambda m: print(m, file=sys.stderr))
     names = [t[0] for t in targets]
     methods = ["site models (mean of singles)", *METHOD_ORDER, *(f"adaptive:{v}" for v in variants)]
     lines = [
         f"{len(targets)} targets: {args.per_site} per unseen site ({', '.join(args.sites)}), test seeds "
         f"{', '.join(str(case_seed(s, 0, 'test')) + '..' + str(case_seed(s, args.per_site - 1, 'test')) for s in args.sites)}. "
-        f"Adaptive: statistic {args.statistic}, temperature {args.temperature}. Mean Dice over the three structures, mean ± sd over targets.",
+        f"Adaptive: statistic {args.statistic}, temperature {args.temperature}, {args.probe_patches} probe patches. "
+        "Mean Dice over the three structures, mean ± sd over targets.",
         "",
         "| method | " + " | ".join(model_sets) + " |",
         "| --- | " + " | ".join("---" for _ in model_sets) + " |",

@@ -31,6 +31,7 @@ from entropymerge.sampledata import SOURCE_SITES, bundled_models, simulate
 from entropymerge.training import case_seed
 from entropymerge.volume import write_volume
 
+
 def make_volume(path: Path, size) -> Path:
     """A simulated isotropic 1.5 mm scan (the summit-pd scanner) of exactly ``size`` voxels."""
     scanner = replace(SOURCE_SITES["summit-pd"], fov_mm=tuple(1.5 * s for s in size))

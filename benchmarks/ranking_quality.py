@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from dataclasses import replace
@@ -27,12 +26,12 @@ import torch
 
 from entropymerge.entropy import predicted_labels, probe_statistics
 from entropymerge.features import model_inputs
+from entropymerge.inference import predict_logits, segmentation_from_probabilities
 from entropymerge.merging import AdaptiveSettings, adaptive_plan, crop_patches, probe_batch_size, probe_probabilities, select_probe
 from entropymerge.metrics import evaluate
 from entropymerge.models import load_site_models
 from entropymerge.pipeline import default_probe_size
 from entropymerge.preprocessing import labels_to_model_space, to_model_space
-from entropymerge.inference import predict_logits, segmentation_from_probabilities
 from entropymerge.ranking import LabelSource, crop_probe_labels, rank_models
 from entropymerge.sampledata import TARGET_SITES, bundled_models, simulate, simulate_scribbles
 from entropymerge.training import TrainingConfig, case_seed, train_site_models

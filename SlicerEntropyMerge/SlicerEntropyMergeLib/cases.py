@@ -13,25 +13,22 @@ from pathlib import Path
 
 RESULTS_SUFFIX = ".entropymerge"
 REQUEST_NAME = "request.json"
-# Files ending so (before the extension) are label maps that sit beside the images, not cases.
-LABEL_MAP_ENDINGS = ("_labels", "_label", "_seg", "_segmentation", "_mask")
 
 
 def volume_stem(path: Path) -> str:
     """The file name without its volume extension (``case1.nii.gz`` -> ``case1``)."""
-    from entropymerge.volume import FILE_SUFFIXES
+    from entropymerge.volume import split_volume_name
 
-    name = path.name
-    suffix = next((s for s in FILE_SUFFIXES if name.lower().endswith(s)), path.suffix)
-    return name[: len(name) - len(suffix)]
+    parts = split_volume_name(path.name)
+    return parts[0] if parts else path.stem
 
 
 def find_cases(folder: str | Path) -> list[Path]:
     """The volume files in ``folder`` (not its subfolders), sorted by name, label maps left out."""
-    from entropymerge.volume import FILE_SUFFIXES
+    from entropymerge.volume import is_label_map_name, split_volume_name
 
-    files = [p for p in Path(folder).iterdir() if p.is_file() and p.name.lower().endswith(FILE_SUFFIXES)]
-    return sorted((p for p in files if not volume_stem(p).lower().endswith(LABEL_MAP_ENDINGS)), key=lambda p: p.name)
+    files = [p for p in Path(folder).iterdir() if p.is_file() and split_volume_name(p.name)]
+    return sorted((p for p in files if not is_label_map_name(p.name)), key=lambda p: p.name)
 
 
 def results_folder(case: Path) -> Path:

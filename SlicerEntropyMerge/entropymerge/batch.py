@@ -28,12 +28,9 @@ from .outputs import SUMMARY_NAME, safe_file_stem, write_text_atomically
 from .pipeline import RunOptions, run, validate_options
 from .progress import Progress
 from .report import REPORT_NAME, write_report
-from .volume import FILE_SUFFIXES
+from .volume import LABEL_MAP_ENDINGS, is_label_map_name, split_volume_name
 
 TABLE_NAME = "batch.csv"
-# A volume file whose name ends so (before the suffix) is a label map, not a case: the reference of
-# the case it names (the same rule as the Slicer module's case folders).
-LABEL_MAP_ENDINGS = ("_labels", "_label", "_seg", "_segmentation", "_mask")
 ERROR_NAME = "error.txt"
 LEADING_COLUMNS = ("case", "status", "error", "volume", "reference", "method")
 DASK_CONNECT_TIMEOUT_S = 10
@@ -73,12 +70,6 @@ def discover_cases(source: str | os.PathLike) -> list[BatchCase]:
     return sorted(cases, key=lambda case: case.name)
 
 
-def split_volume_name(name: str) -> tuple[str, str] | None:
-    """(stem, suffix) of a volume file name (``case1.nii.gz`` -> ``("case1", ".nii.gz")``), or None for other files."""
-    suffix = next((s for s in FILE_SUFFIXES if name.lower().endswith(s)), None)
-    return (name[: -len(suffix)], name[-len(suffix):]) if suffix else None
-
-
 def _cases_in_folder(folder: Path) -> list[BatchCase]:
     """Every volume file but label maps; ``CASE_labels.<suffix>`` (or another label-map ending) is the
     reference of ``CASE.<suffix>`` or ``CASE_image.<suffix>``."""
@@ -86,7 +77,7 @@ def _cases_in_folder(folder: Path) -> list[BatchCase]:
     cases = []
     for path in sorted(p for p in folder.iterdir() if p.is_file()):
         parts = split_volume_name(path.name)
-        if parts is None or parts[0].lower().endswith(LABEL_MAP_ENDINGS):
+        if parts is None or is_label_map_name(path.name):
             continue
         stem, suffix = parts
         name = stem.removesuffix("_image")
@@ -102,7 +93,8 @@ def _cases_in_csv(path: Path) -> list[BatchCase]:
             reader = csv.DictReader(stream)
             columns = set(reader.fieldnames or ())
             if not {"case", "volume"} <= columns:
-                raise UserInputError(f"{path} needs the columns case,volume (and optionally reference); it has {', '.join(sorted(columns)) or 'none'}")
+                found = ", ".join(sorted(columns)) or "none"
+                raise UserInputError(f"{path} needs the columns case,volume (and optionally reference); it has {found}")
             rows = list(reader)
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise UserInputError(f"could not read the case list {path}: {error}") from None
@@ -174,7 +166,8 @@ def _in_processes(cases, options: RunOptions, out: Path, workers: int, threads: 
 
 def _on_dask(cases, options: RunOptions, out: Path, address: str, threads: int) -> Iterator[dict]:
     try:
-        from distributed import Client, as_completed as dask_completed
+        from distributed import Client
+        from distributed import as_completed as dask_completed
     except ImportError:
         raise UserInputError("--scheduler needs dask.distributed: pip install 'entropymerge[distributed]'") from None
     try:

@@ -11,14 +11,7 @@ import yaml
 
 from .errors import UserInputError
 from .modelcard import InferenceSettings, ModelCard, Preprocessing, default_labels
-from .safeconfig import (
-    DICT_ONLY_ARGUMENTS,
-    INTENSITY_TRANSFORMS,
-    LOADING_TRANSFORMS,
-    SPATIAL_TRANSFORMS,
-    ConfigResolver,
-    array_transform_name,
-)
+from .safeconfig import DICT_ONLY_ARGUMENTS, INTENSITY_TRANSFORMS, LOADING_TRANSFORMS, SPATIAL_TRANSFORMS, ConfigResolver, array_transform_name
 
 INFERENCE_CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
 WEIGHT_FILE_NAMES = ("model.safetensors", "model.pt", "model.pth", "model.ts")

@@ -123,7 +123,8 @@ def add_method_options(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--statistic", default="foreground_entropy", choices=STATISTICS, help="the per-model uncertainty behind alpha")
     method.add_argument("--refine", action="store_true", help="forward-only search over a few candidate coefficient vectors")
     method.add_argument("--batchnorm", default="merge", choices=("merge", "reestimate"), help="batch-norm statistics of the merged model")
-    method.add_argument("--probe", default="patches", choices=("patches", "whole"), help="ROI patches over the body, or the whole volume at half resolution")
+    method.add_argument("--probe", default="patches", choices=("patches", "whole"),
+                        help="ROI patches over the body, or the whole volume at half resolution")
     method.add_argument("--probe-patches", type=positive_int, default=8, help="how many probe patches (default 8)")
     method.add_argument("--probe-size", type=positive_int, nargs=3, metavar=("X", "Y", "Z"),
                         help="probe patch size in voxels (default: half the ROI, a multiple of 16)")
@@ -144,7 +145,8 @@ def add_ranking_options(parser: argparse.ArgumentParser, with_switch: bool) -> N
         ranking.add_argument("--rank", action="store_true", help="also rank the site models (reuses the run's probe passes)")
     ranking.add_argument("--scribbles", type=Path, help="sparse label map as the ranking's labels: painted voxels count")
     ranking.add_argument("--unlabelled-value", type=int, default=255, help="the scribble value of unpainted voxels (default 255)")
-    ranking.add_argument("--seed", type=int, default=0, help="seed of the voxel sampling")
+    seeded = "the ranking's voxel sampling and the adaptation" if with_switch else "the ranking's voxel sampling"
+    ranking.add_argument("--seed", type=int, default=0, help=f"seed of {seeded} (default 0)")
 
 
 def add_common_run_options(parser: argparse.ArgumentParser) -> None:

@@ -56,7 +56,8 @@ def run_demo(out: Path | None = None, device: str = "auto", overwrite: bool = Fa
             print_(_report(target.name, case, comparison))
             for result in comparison.results:
                 stem = safe_file_stem(result.key.replace("site:", "site_"))
-                output.volume(f"{target.name}/segmentation_{stem}", f"{target.name}/segmentation_{stem}", result.segmentation.labels, case.volume.geometry)
+                key = f"{target.name}/segmentation_{stem}"
+                output.volume(key, key, result.segmentation.labels, case.volume.geometry)
                 if result.key in ("adaptive", "mean") or result.key.startswith("site:"):
                     output.volume(f"{target.name}/entropy_{stem}", f"{target.name}/entropy_{stem}", result.segmentation.entropy, case.volume.geometry)
             summary["targets"][target.name] = dict(comparison_summary(comparison), volume=str(target.image), reference=str(target.labels))
@@ -94,7 +95,8 @@ def _report(name: str, case: Case, comparison: Comparison) -> str:
         comparison_table(comparison, case),
         "",
         "merge coefficients (adaptive):  " + "  ".join(
-            f"{model}: body {adaptive.coefficients['body'][model]:.3f} / head {adaptive.coefficients.get('head', adaptive.coefficients['body'])[model]:.3f}"
+            f"{model}: body {adaptive.coefficients['body'][model]:.3f} / "
+            f"head {adaptive.coefficients.get('head', adaptive.coefficients['body'])[model]:.3f}"
             for model in adaptive.coefficients["body"]),
         "probe uncertainty H_k:          " + "  ".join(f"{m}: {v:.3f}" for m, v in comparison.statistics["foreground_entropy"].items()),
         "times: as if each method ran alone (shared reading and features excluded; the ensemble runs all models).",

@@ -14,16 +14,7 @@ import numpy as np
 
 from .entropy import probe_statistics
 from .inference import Segmentation
-from .merging import (
-    AdaptiveSettings,
-    MergePlan,
-    adaptive_plan,
-    mean_coefficients,
-    one_hot,
-    probe_batch_size,
-    select_probe,
-    site_scores,
-)
+from .merging import AdaptiveSettings, MergePlan, adaptive_plan, mean_coefficients, one_hot, probe_batch_size, select_probe, site_scores
 from .pipeline import Case, default_probe_size, site_probe_outputs
 from .progress import Progress
 

@@ -111,7 +111,7 @@ class MindSSC(FeatureExtractor):
         size = image.shape[2:]
 
         def shifted(offset) -> torch.Tensor:
-            return padded[:, :, d + offset[0] : d + offset[0] + size[0], d + offset[1] : d + offset[1] + size[1], d + offset[2] : d + offset[2] + size[2]]
+            return padded[(slice(None), slice(None), *(slice(d + o, d + o + s) for o, s in zip(offset, size)))]
 
         distances = torch.cat([(shifted(a) - shifted(b)) ** 2 for a, b in self.pairs], dim=1)
         kernel = 2 * self.radius + 1

@@ -24,7 +24,7 @@ from .entropy import probe_statistics  # noqa: E402
 from .errors import UserInputError  # noqa: E402
 from .merging import Probe, interpolate, probe_batch_size, probe_probabilities  # noqa: E402
 from .outputs import OutputFolder  # noqa: E402
-from .pipeline import Case, RunOptions, Timings, _inputs_of, load_case, plan_merge  # noqa: E402
+from .pipeline import Case, RunOptions, Timings, input_paths, load_case, plan_merge  # noqa: E402
 from .progress import Progress  # noqa: E402
 
 STATISTICS = ("entropy", "foreground_entropy", "balanced_entropy", "foreground_fraction")
@@ -161,7 +161,7 @@ def run_path(options: RunOptions, steps: int, progress: Progress | None = None) 
         raise UserInputError(f"--steps must be at least 2 (the two endpoints), got {steps}")
     if options.out is None:
         raise UserInputError("an output folder (--out) is needed")
-    output = OutputFolder(options.out, options.overwrite, _inputs_of(options))
+    output = OutputFolder(options.out, options.overwrite, input_paths(options))
     timings = Timings()
     progress.plan([("load", 1), ("preprocess", 1), ("features", 2), ("probe", 1), ("merge", 1),
                    ("path", steps * (4 if options.reference else 1)), ("write", 1)])

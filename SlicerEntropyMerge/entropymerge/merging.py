@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from .entropy import probe_statistics
-from .features import pad_to_multiple
 from .errors import UserInputError
+from .features import pad_to_multiple
 from .models import SiteModel
 
 
@@ -273,7 +273,8 @@ def detect_head(network: torch.nn.Module, num_classes: int, names: tuple[str, ..
     return Head(prefix, keys) if keys and len(keys) < len(state_keys) else None
 
 
-def head_probabilities(body_network: torch.nn.Module, head: Head, models: Sequence[SiteModel], probe: Probe, device: torch.device, batch_size: int = 2) -> list[torch.Tensor]:
+def head_probabilities(body_network: torch.nn.Module, head: Head, models: Sequence[SiteModel], probe: Probe, device: torch.device,
+                       batch_size: int = 2) -> list[torch.Tensor]:
     """Each site model's head applied to the merged body's features on the probe: K x (P, C, ...).
 
     The merged body runs once; a forward pre-hook captures the head's input and every head is

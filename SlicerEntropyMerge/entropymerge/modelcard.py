@@ -158,7 +158,8 @@ class ModelCard:
         weights = data.get("weights")
         check.that(weights is None or isinstance(weights, str), "weights", "must be a file name")
         head = data.get("head")
-        check.that(head is None or (isinstance(head, list) and all(isinstance(h, str) for h in head) and head), "head", "must be a non-empty list of module names")
+        names_ok = isinstance(head, list) and all(isinstance(h, str) for h in head) and head
+        check.that(head is None or names_ok, "head", "must be a non-empty list of module names")
         taps = data.get("feature_taps") or {}
         check.that(isinstance(taps, dict) and set(taps) <= {"global", "local"} and all(isinstance(v, str) for v in taps.values()),
                    "feature_taps", "must map 'global' and/or 'local' to module names")
@@ -262,7 +263,8 @@ def _preprocessing(raw, check: _Checker) -> Preprocessing:
     orientation = raw.get("orientation")
     if orientation is not None:
         valid = isinstance(orientation, str) and len(orientation) == 3 and set(orientation) <= AXCODES
-        check.that(valid and {_axis(c) for c in orientation} == {0, 1, 2}, "preprocessing.orientation", f"must be three axis codes such as 'RAS', got {orientation!r}")
+        check.that(valid and {_axis(c) for c in orientation} == {0, 1, 2}, "preprocessing.orientation",
+                   f"must be three axis codes such as 'RAS', got {orientation!r}")
     spacing = raw.get("spacing")
     if spacing is not None:
         check.that(

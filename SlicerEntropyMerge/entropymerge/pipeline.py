@@ -19,19 +19,12 @@ import torch
 
 from . import __version__
 from .adaptation import AdaptationSettings, adapt
+from .entropy import predicted_labels, probe_statistics
 from .errors import UserInputError
 from .features import FeatureCache, get_extractor, model_inputs
-from .inference import (
-    InferenceReport,
-    Segmentation,
-    describe_device,
-    predict_logits,
-    resolve_device,
-    segmentation_from_probabilities,
-)
+from .inference import InferenceReport, Segmentation, describe_device, predict_logits, resolve_device, segmentation_from_probabilities
 from .merging import (
     STATISTICS,
-    softmax_coefficients,
     AdaptiveSettings,
     MergePlan,
     Probe,
@@ -42,16 +35,15 @@ from .merging import (
     probe_probabilities,
     select_probe,
     site_scores,
+    softmax_coefficients,
 )
-from .entropy import probe_statistics
-from .entropy import predicted_labels
 from .metrics import evaluate
-from .ranking import LabelSource, Taps, find_taps, rank_models, scribble_labels, tapped_pass
 from .modelcard import InferenceSettings
 from .models import SiteModel, check_compatible, expand_model_paths, load_site_models
 from .outputs import OutputFolder, safe_file_stem
 from .preprocessing import ModelSpaceImage, labels_to_model_space, to_model_space
 from .progress import Progress
+from .ranking import LabelSource, Taps, find_taps, rank_models, scribble_labels, tapped_pass
 from .volume import Volume, read_label_map, read_volume
 
 METHODS = ("adaptive", "mean", "ensemble", "single", "select", "oracle")
@@ -327,7 +319,7 @@ def run(options: RunOptions, progress: Progress | None = None) -> dict:
         options = replace(options, rank=True)  # scribbles are only used to rank
     if options.out is None:
         raise UserInputError("an output folder (--out) is needed")
-    output = OutputFolder(options.out, options.overwrite, _inputs_of(options), options.volume_format)
+    output = OutputFolder(options.out, options.overwrite, input_paths(options), options.volume_format)
     timings = Timings()
     runs_every_model = options.method in ("ensemble", "oracle") or options.per_model or (options.rank and options.reference)
     progress.plan([("load", 1), ("preprocess", 1), ("features", 2), ("probe", 2), ("merge", 1),
@@ -482,7 +474,7 @@ def write_segmentation(output: OutputFolder, model_name: str, segmentation: Segm
             output.volume(f"probability_{label.name}{key}", f"probability_{safe_file_stem(label.name)}{suffix}", probability, geometry)
 
 
-def _inputs_of(options: RunOptions) -> tuple[Path, ...]:
+def input_paths(options: RunOptions) -> tuple[Path, ...]:
     paths = [Path(options.volume), *expand_model_paths(options.models)]
     return tuple(paths + ([Path(options.reference)] if options.reference else []))
 

@@ -81,7 +81,8 @@ def _quarter_resolution_module(network: torch.nn.Module, example: torch.Tensor) 
         for handle in handles:
             handle.remove()
     if not found:
-        raise UserInputError("no encoder stage at a quarter of the input resolution was found; name one in the model card ('feature_taps': {'local': ...})")
+        raise UserInputError("no encoder stage at a quarter of the input resolution was found; "
+                             "name one in the model card ('feature_taps': {'local': ...})")
     return min(found, key=started.__getitem__)  # a parent starts before its children
 
 

@@ -23,17 +23,7 @@ import numpy as np
 from matplotlib import colormaps
 
 from .errors import UserInputError
-from .figures import (
-    ENTROPY_COLORMAP,
-    ENTROPY_LABEL,
-    VIEW_AXES,
-    VIEWS,
-    CanonicalVolume,
-    busiest_slice,
-    canonical,
-    intensity_window,
-    label_colormap,
-)
+from .figures import ENTROPY_COLORMAP, ENTROPY_LABEL, VIEW_AXES, VIEWS, CanonicalVolume, busiest_slice, canonical, intensity_window, label_colormap
 from .modelcard import Label
 from .outputs import SUMMARY_NAME, write_text_atomically
 from .progress import Progress
@@ -202,6 +192,8 @@ def _model_subtitle(summary: dict, name: str) -> str:
 
 
 NUMERIC = ' class="n"'
+DICE_CAPTION = ("Dice: overlap, 0 to 1, higher is better (best mean in bold). "
+                "HD95: 95th-percentile surface distance in mm, lower is better.")
 
 
 def _table(header: list[str], rows: list[list[str]], caption: str = "", text_columns: int = 1) -> str:
@@ -329,7 +321,7 @@ def _evaluation_section(summary: dict) -> str:
                      f"<b>{mean}</b>" if (evaluation["mean_dice"] or 0.0) == best else mean,
                      *[_number(per_class[c]["hd95_mm"], 1) for c in classes], _number(evaluation["mean_hd95_mm"], 1)])
     return (f"<section id=\"evaluation\"><h2>Quality against the reference</h2>"
-            f"{_table(header, rows, 'Dice: overlap, 0 to 1, higher is better (best mean in bold). HD95: 95th-percentile surface distance in mm, lower is better.')}"
+            f"{_table(header, rows, DICE_CAPTION)}"
             f"</section>")
 
 
@@ -376,7 +368,8 @@ canvas { display: block; }
 .pixel { margin: 0; font-size: 12px; color: #555; } input[type=range] { width: 260px; } output { font-size: 13px; }
 .swatch { display: inline-block; width: 12px; height: 12px; border: 1px solid #555; margin: 0 4px 0 10px; vertical-align: -1px; }
 .cells { display: flex; gap: 12px; flex-wrap: wrap; } .cell { margin: 0; text-align: center; font-size: 13px; }
-table { border-collapse: collapse; margin: 8px 0; font-size: 14px; } caption { caption-side: bottom; text-align: left; font-size: 12px; color: #555; padding-top: 4px; }
+table { border-collapse: collapse; margin: 8px 0; font-size: 14px; }
+caption { caption-side: bottom; text-align: left; font-size: 12px; color: #555; padding-top: 4px; }
 th, td { border-bottom: 1px solid #e3e3e3; padding: 4px 10px; text-align: left; } .n { text-align: right; }
 th { background: #f1f1f1; } .pair { display: flex; gap: 30px; flex-wrap: wrap; align-items: flex-start; }
 svg text { font: 13px system-ui, sans-serif; fill: #222; } svg .grid { stroke: #ddd; } svg .value { font-size: 11px; }

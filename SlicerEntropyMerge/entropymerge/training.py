@@ -26,8 +26,8 @@ from .metrics import dice
 from .modelcard import InferenceSettings, ModelCard, Preprocessing, default_labels
 from .models import load_state_dict_file, save_site_model
 from .preprocessing import labels_to_model_space, to_model_space
-from .sampledata import GENERIC_SITE, LABEL_COLORS, LABEL_NAMES, SOURCE_SITES, TARGET_SITES, Scanner, simulate
 from .safeconfig import build_network
+from .sampledata import GENERIC_SITE, LABEL_COLORS, LABEL_NAMES, SOURCE_SITES, TARGET_SITES, Scanner, simulate
 
 SPLIT_OFFSETS = {"train": 0, "validation": 5_000, "test": 900_000}
 
@@ -176,7 +176,7 @@ def train_stage(
         loss.backward()
         optimizer.step()
         schedule.step()
-        loss_value = float(loss)
+        loss_value = loss.item()
         if progress:
             progress(step + 1, steps, loss_value)
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == steps:

@@ -20,6 +20,9 @@ import SimpleITK as sitk
 from .errors import UserInputError
 
 FILE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+# A volume file whose name ends so (before the suffix) is a label map beside the images of a case
+# folder (the reference of the case it names), not a case itself.
+LABEL_MAP_ENDINGS = ("_labels", "_label", "_seg", "_segmentation", "_mask")
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
@@ -89,6 +92,18 @@ class Volume:
     array: np.ndarray
     geometry: Geometry
     source: str | None = None
+
+
+def split_volume_name(name: str) -> tuple[str, str] | None:
+    """(stem, suffix) of a volume file name (``case1.nii.gz`` -> ``("case1", ".nii.gz")``), or None for other files."""
+    suffix = next((s for s in FILE_SUFFIXES if name.lower().endswith(s)), None)
+    return (name[: -len(suffix)], name[-len(suffix):]) if suffix else None
+
+
+def is_label_map_name(name: str) -> bool:
+    """True for a volume file named as a label map (``case1_labels.nii.gz``)."""
+    parts = split_volume_name(name)
+    return parts is not None and parts[0].lower().endswith(LABEL_MAP_ENDINGS)
 
 
 def is_volume_path(path: Path) -> bool:
