@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from tables import publish
+
 from entropymerge.adaptation import AdaptationSettings, adapt
 from entropymerge.merging import probe_batch_size
 from entropymerge.pipeline import RunOptions, Timings, load_case, plan_merge
@@ -79,10 +81,7 @@ def main(argv=None) -> int:
                                  f"| {probe_fg:.2f} | {guard} | {guarded:.3f} |")
                     print(lines[-1], file=sys.stderr)
     lines += ["", f"Device: {case.device}. Wall time {time.perf_counter() - started:.0f} s."]
-    text = "\n".join(lines)
-    print(text)
-    if args.markdown:
-        args.markdown.write_text(text + "\n")
+    publish(lines, args.markdown)
     return 0
 
 

@@ -18,6 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from tables import publish
 
 from entropymerge.evaluation import compare_methods
 from entropymerge.merging import STATISTICS, AdaptiveSettings
@@ -115,10 +116,7 @@ def main(argv=None) -> int:
     adaptive, mean = (np.array([results[first][m][n] for n in names]) for m in ("adaptive", "mean"))
     lines += ["", f"adaptive - mean merge (DropGen): {np.mean(adaptive - mean):+.3f} mean Dice; adaptive >= mean on "
               f"{int((adaptive >= mean - 1e-9).sum())} of {len(names)} targets. Wall time {time.perf_counter() - started:.0f} s."]
-    text = "\n".join(lines)
-    print(text)
-    if args.markdown:
-        args.markdown.write_text(text + "\n")
+    publish(lines, args.markdown)
     return 0
 
 

@@ -23,6 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from tables import publish
 
 from entropymerge.models import load_site_models
 from entropymerge.pipeline import RunOptions, run
@@ -85,10 +86,7 @@ def main(argv=None) -> int:
         f"adaptive / single = {median['adaptive'] / median['single']:.2f} (target <= 1.3)",
         f"ensemble / adaptive = {median['ensemble'] / median['adaptive']:.2f} (target >= 2.5)",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.markdown:
-        args.markdown.write_text(text + "\n")
+    publish(lines, args.markdown)
     return 0
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tables import publish
 
 from entropymerge.entropy import predicted_labels, probe_statistics
 from entropymerge.features import model_inputs
@@ -145,10 +146,7 @@ def main(argv=None) -> int:
             dice[name].append(value)
     lines += ["", "True mean Dice of the pool (mean over targets): " + ", ".join(f"{n} {np.mean(v):.3f}" for n, v in dice.items()),
               f"Wall time {time.perf_counter() - started:.0f} s on {device}."]
-    text = "\n".join(lines)
-    print(text)
-    if args.markdown:
-        args.markdown.write_text(text + "\n")
+    publish(lines, args.markdown)
     return 0
 
 

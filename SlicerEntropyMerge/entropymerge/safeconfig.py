@@ -161,26 +161,24 @@ class ConfigResolver:
         """The id and unresolved entry that ``id`` finally points to through pure references."""
         raw, seen = self._lookup(id), {id}
         while isinstance(raw, str) and (target := _reference_target(raw)):
-            if target in seen:
-                raise UserInputError(f"{self._where(id)}: circular reference to '@{target}'")
-            try:
-                raw = self._lookup(target)
-            except KeyError:
-                raise UserInputError(f"{self._where(id)}: reference '@{target}' points to nothing") from None
+            raw = self._referenced(id, target, seen)
             id = target
             seen.add(id)
         return id, raw
 
+    def _referenced(self, id: str, target: str, visited) -> Any:
+        """The entry '@target' (written at ``id``) points to; ``visited``: the ids on the way there."""
+        if target in visited:
+            raise UserInputError(f"{self._where(id)}: circular reference to '@{target}'")
+        try:
+            return self._lookup(target)
+        except KeyError:
+            raise UserInputError(f"{self._where(id)}: reference '@{target}' points to nothing") from None
+
     def _resolve_string(self, value: str, id: str, visiting: frozenset) -> Any:
         target = _reference_target(value)
         if target:
-            if target in visiting:
-                raise UserInputError(f"{self._where(id)}: circular reference to '@{target}'")
-            try:
-                referenced = self._lookup(target)
-            except KeyError:
-                raise UserInputError(f"{self._where(id)}: reference '@{target}' points to nothing") from None
-            return self.resolve_value(referenced, target, visiting | {target})
+            return self.resolve_value(self._referenced(id, target, visiting), target, visiting | {target})
         if value.startswith("$"):
             if not self.trust_code:
                 raise CodeExecutionRefused(
