@@ -15,9 +15,9 @@ DropGen site models.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
-from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,10 +36,15 @@ from entropymerge.preprocessing import labels_to_model_space, to_model_space
 from entropymerge.ranking import LabelSource, crop_probe_labels, rank_models
 from entropymerge.sampledata import TARGET_SITES, bundled_models, simulate, simulate_scribbles
 from entropymerge.training import TrainingConfig, case_seed, train_site_models
+from entropymerge.transferability import weighted_kendall_tau
 from entropymerge.volume import Volume
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 COLUMNS = ["fused", "grtd", "lbtc", "logme", "entropy (lower better)"]
+ROW_KEYS = {"entropy (lower better)": "entropy"}
+# Parts of the pool ranked on their own: models that take the same inputs, and the merged site models.
+SUBPOOLS = {"all": ("dropgen/", "image-only/", "undertrained/"), "DropGen + under-trained (same inputs)": ("dropgen/", "undertrained/"),
+            "DropGen site models": ("dropgen/",), "image-only site models": ("image-only/",), "DropGen + image-only": ("dropgen/", "image-only/")}
 
 
 def undertrained_models(folder: Path) -> Path:
@@ -96,9 +101,20 @@ def evaluate_target(pool, merge_set, image: Volume, labels: Volume, seed: int, d
     for name, source in sources.items():
         start = time.perf_counter()
         ranking = rank_models(pool, inputs, probe, source, device, entropy=entropy, true_dice=true_dice, seed=seed)
-        result["sources"][name] = {"tau": ranking.kendall_tau, "seconds": time.perf_counter() - start,
+        result["sources"][name] = {"tau": ranking.kendall_tau, "seconds": time.perf_counter() - start, "rows": ranking.rows,
                                    "labelled_in_probe": int((crop_probe_labels(source.labels, probe) >= 0).sum())}
     return result
+
+
+def subpool_tau(rows: list[dict], prefixes: tuple[str, ...]) -> dict[str, float]:
+    """Weighted Kendall tau of each score column over the models whose names start with ``prefixes``."""
+    kept = [row for row in rows if row["model"].startswith(prefixes)]
+    dice = np.array([row["true_dice"] for row in kept])
+    taus = {}
+    for column in COLUMNS:
+        scores = np.array([row[ROW_KEYS.get(column, column)] for row in kept], dtype=float)
+        taus[column] = weighted_kendall_tau(-scores if column.startswith("entropy") else scores, dice)
+    return taus
 
 
 def crop(inputs, probe):
@@ -113,6 +129,7 @@ def main(argv=None) -> int:
     parser.add_argument("--image-only", type=Path)
     parser.add_argument("--undertrained", type=Path, help="folder of under-trained models (default: trained once into benchmarks/.cache)")
     parser.add_argument("--markdown", type=Path)
+    parser.add_argument("--json", type=Path, help="also write every target's scores and true Dice here")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pool = load_pool(args.dropgen or bundled_models("dropgen"), args.image_only or bundled_models("image-only"),
@@ -140,13 +157,21 @@ def main(argv=None) -> int:
             cells.append(f"{values.mean():+.3f} ± {values.std(ddof=1):.3f}")
         seconds = np.mean([r["sources"][source]["seconds"] for r in results.values()])
         lines.append(f"| {source} | " + " | ".join(cells) + f" | {seconds:.1f} |")
-    dice = defaultdict(list)
-    for r in results.values():
-        for name, value in r["true_dice"].items():
-            dice[name].append(value)
-    lines += ["", "True mean Dice of the pool (mean over targets): " + ", ".join(f"{n} {np.mean(v):.3f}" for n, v in dice.items()),
-              f"Wall time {time.perf_counter() - started:.0f} s on {device}."]
+    lines += ["", "The same scores on parts of the pool (reference labels; mean tau over targets):", "",
+              "| models ranked | " + " | ".join(COLUMNS) + " |", "| --- | " + " | ".join("---" for _ in COLUMNS) + " |"]
+    for title, prefixes in SUBPOOLS.items():
+        taus = [subpool_tau(r["sources"]["reference"]["rows"], prefixes) for r in results.values()]
+        lines.append(f"| {title} | " + " | ".join(f"{np.mean([t[c] for t in taus]):+.3f}" for c in COLUMNS) + " |")
+    lines += ["", "Mean over targets of each model's true Dice and scores (reference labels):", "",
+              "| model | true Dice | " + " | ".join(COLUMNS) + " |", "| --- | --- | " + " | ".join("---" for _ in COLUMNS) + " |"]
+    for model in pool:
+        rows = [next(row for row in r["sources"]["reference"]["rows"] if row["model"] == model.name) for r in results.values()]
+        cells = [np.mean([row[ROW_KEYS.get(c, c)] for row in rows]) for c in ("true_dice", *COLUMNS)]
+        lines.append(f"| {model.name} | " + " | ".join(f"{v:.3f}" for v in cells) + " |")
+    lines += ["", f"Wall time {time.perf_counter() - started:.0f} s on {device}."]
     publish(lines, args.markdown)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1, default=float) + "\n")
     return 0
 
 
