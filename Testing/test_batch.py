@@ -137,30 +137,43 @@ def test_same_table_serially_in_processes_and_on_dask(case_folder, models, tmp_p
         assert without_timings(table) == without_timings(serial), f"the {other} table differs from the serial one"
 
 
-def test_an_interrupted_batch_resumes(case_folder, models, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def slow_case_folder(tmp_path_factory):
+    """A quick first case, then three larger ones (a second or more each), and a corrupt volume:
+    an interruption made as soon as the first case is complete lands in the middle of the batch."""
+    folder = tmp_path_factory.mktemp("slow-cases")
+    write_case(replace(site("cbct"), spacing=(3.5, 3.5, 3.5)), 990000, folder)
+    for seed in range(1, 4):
+        write_case(replace(site("cbct"), spacing=(1.5, 1.5, 1.5)), 990000 + seed, folder)
+    (folder / "broken_image.nii.gz").write_bytes(b"not a volume at all")
+    return folder
+
+
+def test_an_interrupted_batch_resumes(slow_case_folder, models, tmp_path, capsys):
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "entropymerge", *batch_args(case_folder, models, out)]
+    volumes = {case.name for case in discover_cases(slow_case_folder)} - {"broken"}
+    command = [sys.executable, "-m", "entropymerge", *batch_args(slow_case_folder, models, out)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 600
     while not list(out.glob("*/summary.json")) and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.01)
     process.send_signal(signal.SIGINT)  # what Ctrl-C does
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == ExitCode.CANCELLED, stderr
     assert stderr.strip().splitlines()[-1] == "cancelled"
     finished = {p.parent.name: p.read_bytes() for p in out.glob("*/summary.json")}
-    assert 1 <= len(finished) < CASES, "interrupted after the first case and before the last"
+    assert 1 <= len(finished) < len(volumes), "interrupted after the first case and before the last"
     assert not list(out.glob("*/.entropymerge-partial-*")), "the interrupted case left nothing half-written"
     assert not (out / "batch.csv").exists()
 
-    assert main(batch_args(case_folder, models, out, "--progress", "json")) == ExitCode.CASES_FAILED
+    assert main(batch_args(slow_case_folder, models, out, "--progress", "json")) == ExitCode.CASES_FAILED
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     fractions = [r["fraction"] for r in records if r["type"] == "progress"]
-    assert fractions == sorted(fractions) and fractions[-1] == 1.0 and len(fractions) == CASES + 2, "one step per case"
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0 and len(fractions) == len(volumes) + 2, "one step per case"
     assert records[-1] == {"type": "done", "fraction": 1.0, "outputs": {"table": str(out / "batch.csv")}}
     rows = {row["case"]: row for row in read_table(out / "batch.csv")}
     assert {name for name, row in rows.items() if row["status"] == "resumed"} == set(finished)
-    assert {name for name, row in rows.items() if row["status"] == "completed"} == {f"cbct_{990000 + s:05d}" for s in range(CASES)} - set(finished)
+    assert {name for name, row in rows.items() if row["status"] == "completed"} == volumes - set(finished)
     assert rows["broken"]["status"] == "failed", "a failed case is tried again, and fails again"
     for name, content in finished.items():
         assert (out / name / "summary.json").read_bytes() == content, "a complete case is not run again"
