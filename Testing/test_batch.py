@@ -153,7 +153,10 @@ def test_an_interrupted_batch_resumes(slow_case_folder, models, tmp_path, capsys
     out = tmp_path / "out"
     volumes = {case.name for case in discover_cases(slow_case_folder)} - {"broken"}
     command = [sys.executable, "-m", "entropymerge", *batch_args(slow_case_folder, models, out)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell that starts the tests in the background makes them ignore SIGINT, and a child would
+    # inherit that; give the batch Ctrl-C's default behaviour, as on a terminal.
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 600
     while not list(out.glob("*/summary.json")) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
