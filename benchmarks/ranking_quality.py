@@ -33,17 +33,17 @@ from entropymerge.metrics import evaluate
 from entropymerge.models import load_site_models
 from entropymerge.pipeline import default_probe_size
 from entropymerge.preprocessing import labels_to_model_space, to_model_space
-from entropymerge.ranking import LabelSource, crop_probe_labels, rank_models
+from entropymerge.ranking import LabelSource, crop_probe_labels, rank_models, score_taus
 from entropymerge.sampledata import TARGET_SITES, bundled_models, simulate, simulate_scribbles
 from entropymerge.training import TrainingConfig, case_seed, train_site_models
-from entropymerge.transferability import weighted_kendall_tau
 from entropymerge.volume import Volume
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 COLUMNS = ["fused", "grtd", "lbtc", "logme", "entropy (lower better)"]
 ROW_KEYS = {"entropy (lower better)": "entropy"}
-# Parts of the pool ranked on their own: models that take the same inputs, and the merged site models.
-SUBPOOLS = {"all": ("dropgen/", "image-only/", "undertrained/"), "DropGen + under-trained (same inputs)": ("dropgen/", "undertrained/"),
+# Parts of the pool ranked on their own (the whole pool is the first table): models that take the same
+# inputs, the merged site models, the image-only models.
+SUBPOOLS = {"DropGen + under-trained (same inputs)": ("dropgen/", "undertrained/"),
             "DropGen site models": ("dropgen/",), "image-only site models": ("image-only/",), "DropGen + image-only": ("dropgen/", "image-only/")}
 
 
@@ -106,17 +106,6 @@ def evaluate_target(pool, merge_set, image: Volume, labels: Volume, seed: int, d
     return result
 
 
-def subpool_tau(rows: list[dict], prefixes: tuple[str, ...]) -> dict[str, float]:
-    """Weighted Kendall tau of each score column over the models whose names start with ``prefixes``."""
-    kept = [row for row in rows if row["model"].startswith(prefixes)]
-    dice = np.array([row["true_dice"] for row in kept])
-    taus = {}
-    for column in COLUMNS:
-        scores = np.array([row[ROW_KEYS.get(column, column)] for row in kept], dtype=float)
-        taus[column] = weighted_kendall_tau(-scores if column.startswith("entropy") else scores, dice)
-    return taus
-
-
 def crop(inputs, probe):
     return crop_patches(inputs, probe.origins, probe.patches.shape[2:])
 
@@ -160,7 +149,8 @@ def main(argv=None) -> int:
     lines += ["", "The same scores on parts of the pool (reference labels; mean tau over targets):", "",
               "| models ranked | " + " | ".join(COLUMNS) + " |", "| --- | " + " | ".join("---" for _ in COLUMNS) + " |"]
     for title, prefixes in SUBPOOLS.items():
-        taus = [subpool_tau(r["sources"]["reference"]["rows"], prefixes) for r in results.values()]
+        taus = [score_taus([row for row in r["sources"]["reference"]["rows"] if row["model"].startswith(prefixes)])
+                for r in results.values()]
         lines.append(f"| {title} | " + " | ".join(f"{np.mean([t[c] for t in taus]):+.3f}" for c in COLUMNS) + " |")
     lines += ["", "Mean over targets of each model's true Dice and scores (reference labels):", "",
               "| model | true Dice | " + " | ".join(COLUMNS) + " |", "| --- | --- | " + " | ".join("---" for _ in COLUMNS) + " |"]

@@ -236,6 +236,18 @@ def ranking_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def score_taus(rows: list[dict]) -> dict[str, float]:
+    """Weighted Kendall tau of each score column of ranking rows against their ``true_dice``
+    (the entropy column counts lower as better; entropy and alpha only when the rows have them)."""
+    dice = [row["true_dice"] for row in rows]
+    columns = {name: [row[name] for row in rows] for name in ("fused", "grtd", "lbtc", "logme")}
+    if rows[0].get("entropy") is not None:
+        columns["entropy (lower better)"] = [-row["entropy"] for row in rows]
+    if rows[0].get("alpha") is not None:
+        columns["alpha"] = [row["alpha"] for row in rows]
+    return {name: round(weighted_kendall_tau(values, dice), 4) for name, values in columns.items()}
+
+
 def rank_models(
     models: list[SiteModel],
     inputs: torch.Tensor | list[torch.Tensor],
@@ -299,15 +311,7 @@ def rank_models(
     for position, i in enumerate(order, start=1):
         row = {key: (round(v, 6) if isinstance(v, float) else v) for key, v in scores[i].items()}
         rows.append({"rank": position, **row})
-    tau = None
-    if true_dice is not None:
-        columns = {"fused": fused, "grtd": [s["grtd"] for s in scores], "lbtc": [s["lbtc"] for s in scores],
-                   "logme": [s["logme"] for s in scores]}
-        if entropy is not None:
-            columns["entropy (lower better)"] = [-h for h in entropy]
-        if alpha is not None:
-            columns["alpha"] = alpha
-        tau = {name: round(weighted_kendall_tau(values, true_dice), 4) for name, values in columns.items()}
+    tau = score_taus(scores) if true_dice is not None else None
     samples = {"voxels": int(len(sample.indices)), "anchors": int(len(sample.anchor_indices)),
                "per_class": {int(c): int((sample.labels == c).sum()) for c in np.unique(sample.labels)},
                "patches": len(probe_for_labels.origins)}
