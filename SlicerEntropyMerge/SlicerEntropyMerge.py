@@ -26,12 +26,16 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from SlicerEntropyMergeLib import cases
-from SlicerEntropyMergeLib.engine import ModelReport, RunRequest, models_needed, models_process, parse_roi_size
+from SlicerEntropyMergeLib.binding import GuiBinding
+from SlicerEntropyMergeLib.dependencies import ensure_dependencies, missing_requirements, package_tools, read_requirements
+from SlicerEntropyMergeLib.engine import RunRequest, parse_roi_size
 from SlicerEntropyMergeLib.job import RunJob, abandon_run, finish_run, start_run
-from SlicerEntropyMergeLib.process import SUCCEEDED
+from SlicerEntropyMergeLib.modelcheck import ModelCheck, apply_blocker
+from SlicerEntropyMergeLib.scene import case_volume
 
 REQUIREMENTS = os.path.join(os.path.dirname(__file__), "Resources", "requirements.txt")
 POLL_INTERVAL_MS = 200
+DOCUMENTATION_URL = "https://github.com/SlicerEntropyMerge/SlicerEntropyMerge#use-in-3d-slicer"
 
 
 class SlicerEntropyMerge(ScriptedLoadableModule):
@@ -48,7 +52,7 @@ class SlicerEntropyMerge(ScriptedLoadableModule):
             "the merging coefficients, and which site model fits the case best. Pick a volume and site models (or "
             "load the sample data), press Apply; Cancel stops the run at any time."
         )
-        self.parent.helpText += self.getDefaultModuleDocumentationLink()
+        self.parent.helpText += "<p>" + _('See the <a href="{url}">documentation</a>.').format(url=DOCUMENTATION_URL) + "</p>"
         self.parent.acknowledgementText = _(
             "Built on MONAI, PyTorch and 3D Slicer. The sample data and sample site models are synthetic, made by "
             "the extension's own engine."
@@ -57,10 +61,13 @@ class SlicerEntropyMerge(ScriptedLoadableModule):
 
 
 def registerSampleData():
-    """Register the bundled target scans with the Sample Data module; they load from the extension itself."""
+    """Register the bundled target scans with the Sample Data module; they load from the extension itself.
+
+    Runs at every Slicer start, so it imports only the standard-library list of sample files.
+    """
     import SampleData
 
-    from entropymerge.sampledata import bundled_targets
+    from entropymerge.samplefiles import bundled_targets
 
     icon = os.path.join(os.path.dirname(__file__), "Resources", "Icons", "SlicerEntropyMerge.png")
     for target in bundled_targets():
@@ -152,13 +159,9 @@ class SlicerEntropyMergeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         VTKObservationMixin.__init__(self)
         self.logic = None
         self._parameterNode = None
-        self._parameterNodeGuiTag = None
+        self.binding = None  # the panel's connection to the parameter node, made once per node
         self.job: Optional[RunJob] = None
-        self.modelsCheck = None  # the running `entropymerge models` process
-        self.modelsCheckLines: list[str] = []
-        self.modelReport: Optional[ModelReport] = None
-        self.checkedPaths: Optional[list[str]] = None
-        self.applyAfterCheck = False
+        self.modelCheck = ModelCheck()
         self.caseFiles: list[Path] = []
         self.caseIndex = -1
         self.caseVolume = None
@@ -169,6 +172,7 @@ class SlicerEntropyMergeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/SlicerEntropyMerge.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
+        self.binding = GuiBinding(self.ui)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = SlicerEntropyMergeLogic()
 
@@ -203,24 +207,21 @@ class SlicerEntropyMergeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         if self.job:
             abandon_run(self.job)
             self.job = None
-        if self.modelsCheck:
-            self.modelsCheck.cancel()
-            self.modelsCheck = None
-        self.modelReport, self.checkedPaths, self.applyAfterCheck = None, None, False
+        self.modelCheck.reset()
         self.caseVolume = None
 
     def enter(self) -> None:
         self.initializeParameterNode()
 
     def exit(self) -> None:
+        # The panel stays connected to its parameter node (see GuiBinding); only the reactions to changes stop.
         if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event) -> None:
         self.stopBackgroundWork()
         self.setParameterNode(None)
+        self.binding.unbind()
         self.setRunning(False)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -238,12 +239,12 @@ class SlicerEntropyMergeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
 
     def setParameterNode(self, inputParameterNode: Optional[SlicerEntropyMergeParameterNode]) -> None:
         if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+        if inputParameterNode:
+            # Widgets with a "SlicerParameterName" property in the .ui file are connected to the parameter of that name.
+            inputParameterNode = self.binding.bind(inputParameterNode)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
-            # Widgets with a "SlicerParameterName" property in the .ui file are connected to the parameter of that name.
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
             self.onParameterNodeModified()
 
@@ -255,47 +256,31 @@ class SlicerEntropyMergeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
 
     def checkModels(self) -> None:
         """Describe the listed models in the background (name, site, labels, compatibility) when the list changed."""
-        paths = list(self._parameterNode.modelPaths)
-        if paths == self.checkedPaths:
-            return
-        if self.modelsCheck:
-            self.modelsCheck.cancel()
-        self.modelsCheck, self.modelReport, self.checkedPaths = None, None, paths
-        if self.logic.dependenciesInstalled():  # with no models listed, this only detects the device
-            self.modelsCheckLines = []
-            self.modelsCheck = models_process(paths)
-            self.modelsCheck.start()
-            self.timer.start()
-        self.updateModelsTable()
-
-    def onModelsChecked(self) -> None:
-        check, self.modelsCheck = self.modelsCheck, None
-        if check.state != SUCCEEDED:
-            self.appendLog(_("Could not check the site models: {message}").format(message=check.error))
-            self.applyAfterCheck = False
+        if self.modelCheck.update(self._parameterNode.modelPaths, self.logic.dependenciesInstalled()):
+            if self.modelCheck.running:
+                self.timer.start()
             self.updateModelsTable()
-            self._checkCanApply()
-            return
-        self.modelReport = ModelReport.from_text(self.modelsCheckLines)
-        self.ui.deviceLabel.text = _("detected: {device}").format(device=self.modelReport.auto_device)
-        self.checkedPaths = [entry["source"] for entry in self.modelReport.models]  # folders expanded to their models
-        if self.checkedPaths != list(self._parameterNode.modelPaths):
-            self._parameterNode.modelPaths = self.checkedPaths
+
+    def onModelsChecked(self, outcome) -> None:
+        if outcome.error is not None:
+            self.appendLog(_("Could not check the site models: {message}").format(message=outcome.error))
+        else:
+            self.ui.deviceLabel.text = _("detected: {device}").format(device=outcome.report.auto_device)
+            if self.modelCheck.checked_paths != list(self._parameterNode.modelPaths):
+                self._parameterNode.modelPaths = self.modelCheck.checked_paths
         self.updateModelsTable()
         self._checkCanApply()
-        if self.applyAfterCheck:
-            self.applyAfterCheck = False
-            if self.ui.applyButton.enabled:
-                self.onApplyButton()
+        if outcome.apply and self.ui.applyButton.enabled:
+            self.onApplyButton()
 
     def updateModelsTable(self) -> None:
         table = self.ui.modelsTable
-        report = self.modelReport
+        report = self.modelCheck.report
         entries = report.models if report else [{"name": Path(p).name, "source": p} for p in self._parameterNode.modelPaths]
         table.setRowCount(len(entries))
         for row, entry in enumerate(entries):
             if report is None:
-                status = _("checking...") if self.modelsCheck else _("not checked yet (Apply checks it)")
+                status = _("checking...") if self.modelCheck.running else _("not checked yet (Apply checks it)")
             else:
                 status = _("compatible") if entry["compatible"] else entry["problem"]
             labels = ", ".join(label["name"] for label in entry.get("labels", [])[1:])
@@ -320,9 +305,17 @@ class SlicerEntropyMergeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
     def onSingleModelChanged(self, name) -> None:
         self._parameterNode.singleModel = name
 
+    def ensureDependencies(self) -> bool:
+        """Install what the engine needs (asks first); False, after telling the user why, when it is not there now."""
+        try:
+            with slicer.util.tryWithErrorDisplay(_("The packages Entropy Merge needs are not installed."), waitCursor=True):
+                self.logic.ensureDependencies()
+        except Exception:  # shown to the user already; the panel goes on, and Apply asks again
+            return False
+        return True
+
     def addModelPaths(self, paths) -> None:
-        with slicer.util.tryWithErrorDisplay(_("Failed to install what the module needs."), waitCursor=True):
-            self.logic.ensureDependencies()
+        self.ensureDependencies()  # the chosen paths are kept either way
         self._parameterNode.modelPaths = list(self._parameterNode.modelPaths) + [p for p in paths if p not in self._parameterNode.modelPaths]
 
     def onAddModelFiles(self) -> None:
@@ -343,8 +336,8 @@ class SlicerEntropyMergeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self._parameterNode.modelPaths = [path for row, path in enumerate(paths) if row not in rows]
 
     def onLoadSampleData(self) -> None:
+        self.ensureDependencies()  # the sample files load without the packages; checking the models needs them
         with slicer.util.tryWithErrorDisplay(_("Failed to load the sample data."), waitCursor=True):
-            self.logic.ensureDependencies()
             volume, reference, models = self.logic.loadSampleData()
             self._parameterNode.inputVolume = volume
             self._parameterNode.referenceLabels = reference
@@ -360,45 +353,27 @@ class SlicerEntropyMergeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             self.ui.applyButton.enabled = True
             return
         self.ui.applyButton.text = _("Apply")
-        reason = self.applyBlocker()
+        parameters = self._parameterNode
+        if parameters is None:
+            reason = _("Select a target volume.")
+        else:
+            reason = apply_blocker(self.modelCheck, bool(parameters.inputVolume), list(parameters.modelPaths), parameters.method.value,
+                                   parameters.method.label(), parameters.rank, parameters.singleModel, parameters.roiSize)
         self.ui.applyButton.enabled = reason is None
         self.ui.applyButton.toolTip = reason or _("Segment the volume with the merged site models")
-
-    def applyBlocker(self) -> Optional[str]:
-        """Why Apply cannot run now, or None."""
-        parameters = self._parameterNode
-        if not parameters or not parameters.inputVolume:
-            return _("Select a target volume.")
-        paths = list(parameters.modelPaths)
-        needed = models_needed(parameters.method.value, parameters.rank)
-        if len(paths) < needed:
-            return _("{method} needs at least {needed} site model(s); {given} listed.").format(
-                method=parameters.method.label(), needed=needed, given=len(paths))
-        if self.modelsCheck:
-            return _("Checking the site models...")
-        report = self.modelReport
-        if report is not None:
-            offender = next((entry for entry in report.models if not entry["compatible"]), None)
-            if offender:
-                return _("Site model {name} cannot be used: {problem}").format(name=offender["name"], problem=offender["problem"])
-            if parameters.method == Method.single and parameters.singleModel not in [e["name"] for e in report.models]:
-                return _("Choose the site model that the single method runs.")
-        try:
-            parse_roi_size(parameters.roiSize)
-        except ValueError as error:
-            return str(error)
-        return None
 
     def onApplyButton(self) -> None:
         if self.job:
             self.cancelRun()
             return
+        if not self.ensureDependencies():
+            return
         with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation."), waitCursor=True):
-            self.logic.ensureDependencies()
-            if self.modelReport is None:
-                self.applyAfterCheck = True
-                self.checkedPaths = None
-                self.checkModels()
+            if self.modelCheck.report is None:
+                self.modelCheck.request_apply(self._parameterNode.modelPaths, can_run=True)
+                self.timer.start()
+                self.updateModelsTable()
+                self._checkCanApply()
                 self.ui.statusLabel.text = _("Checking the site models...")
                 return
             self.startRun()
@@ -425,7 +400,7 @@ class SlicerEntropyMergeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
     def startRun(self) -> None:
         parameters = self._parameterNode
         case = self.caseFiles[self.caseIndex] if self.caseVolume is not None and parameters.inputVolume == self.caseVolume else None
-        labelValues = {label["name"]: label["value"] for label in self.modelReport.labels}
+        labelValues = {label["name"]: label["value"] for label in self.modelCheck.report.labels}
         self.job = self.logic.startRun(parameters.inputVolume, self.runRequest(), parameters.referenceLabels, labelValues,
                                        parameters.referenceKind == ReferenceKind.scribbles, case)
         self.ui.logTextEdit.clear()
@@ -440,12 +415,9 @@ class SlicerEntropyMergeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             self.timer.start()
 
     def onTimer(self) -> None:
-        if self.modelsCheck:
-            for event in self.modelsCheck.poll():
-                if event.kind == "text":
-                    self.modelsCheckLines.append(event.message)
-            if self.modelsCheck.finished:
-                self.onModelsChecked()
+        outcome = self.modelCheck.poll()
+        if outcome is not None:
+            self.onModelsChecked(outcome)
         if self.job and self.job.process:
             for event in self.job.process.poll():
                 self.logEvent(event)
@@ -454,7 +426,7 @@ class SlicerEntropyMergeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
                 self.ui.statusLabel.text = self.job.process.message
             if self.job.finished:
                 self.onRunFinished()
-        if not self.modelsCheck and not self.job:
+        if not self.modelCheck.running and not self.job:
             self.timer.stop()
 
     def onRunFinished(self) -> None:
@@ -547,7 +519,8 @@ class SlicerEntropyMergeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
     def goToCase(self, index: int) -> None:
         """Load case ``index`` as the target volume and segment it (its saved results are reused when they match)."""
         with slicer.util.tryWithErrorDisplay(_("Failed to load the case."), waitCursor=True):
-            self.caseVolume = slicer.util.loadVolume(str(self.caseFiles[index]))
+            # A case visited before is shown again, not loaded again (its results are found by their volume).
+            self.caseVolume = case_volume(slicer.mrmlScene, self.caseFiles[index], lambda path: slicer.util.loadVolume(str(path)))
             self.caseIndex = index
             self._parameterNode.inputVolume = self.caseVolume
             self._parameterNode.outputSegmentation = None
@@ -563,43 +536,33 @@ class SlicerEntropyMergeLogic(ScriptedLoadableModuleLogic):
         return SlicerEntropyMergeParameterNode(super().getParameterNode())
 
     @staticmethod
-    def requirements():
-        from slicer import packaging
-
-        return packaging.load_requirements(REQUIREMENTS)
+    def packageTools():
+        """Slicer's package helpers: ``slicer.packaging`` where it exists (5.12+), else the 5.8-5.10 ones."""
+        try:
+            from slicer import packaging
+        except ImportError:
+            packaging = None
+        try:
+            import PyTorchUtils
+        except ImportError:
+            PyTorchUtils = None
+        return package_tools(packaging, slicer.util, PyTorchUtils)
 
     def dependenciesInstalled(self) -> bool:
         """Whether PyTorch and the engine's packages are all there (asks nothing)."""
-        from slicer import packaging
-
-        return packaging.pip_check(self.requirements())
+        return not missing_requirements(read_requirements(REQUIREMENTS), self.packageTools())
 
     def ensureDependencies(self) -> None:
-        """Install what is missing, after asking: PyTorch through the PyTorch extension, the rest with pip.
+        """Install what is missing after one question: PyTorch through the PyTorch extension, the rest with pip.
 
-        Nothing is asked when everything is installed. Raises ``RuntimeError`` with the reason when
+        Nothing is asked when everything is installed. Raises ``DependencyError`` with the reason when
         the user declines or the PyTorch extension is missing.
         """
-        from slicer import packaging
-
-        requirements = self.requirements()
-        if packaging.pip_check(requirements):
-            return
-        torch = next(requirement for requirement in requirements if requirement.name == "torch")
-        if not packaging.pip_check(torch):
-            try:
-                import PyTorchUtils
-            except ModuleNotFoundError:
-                raise RuntimeError(_(
-                    "Entropy Merge runs its models with PyTorch, which the PyTorch extension installs: install "
-                    "'PyTorch' from the Extensions Manager, restart Slicer and try again.")) from None
-            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True, torchVersionRequirement=str(torch.specifier)) is None:
-                raise RuntimeError(_("PyTorch was not installed, so the site models cannot run."))
-        packaging.pip_ensure([r for r in requirements if r.name != "torch"], requester=_("Entropy Merge"))
+        ensure_dependencies(read_requirements(REQUIREMENTS), self.packageTools(), _("Entropy Merge"))
 
     def loadSampleData(self):
         """Load a bundled target scan and its reference labels; returns them and the bundled site models' folder."""
-        from entropymerge.sampledata import bundled_models, bundled_targets
+        from entropymerge.samplefiles import bundled_models, bundled_targets
 
         target = bundled_targets()[0]
         volume = slicer.util.loadVolume(str(target.image), {"name": target.name})

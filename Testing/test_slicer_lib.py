@@ -329,3 +329,103 @@ def test_a_case_is_segmented_next_to_its_file_and_reused_the_second_time(run, tm
     abandon_run(changed)
     assert not (tmp_path / "cases" / "patient7.entropymerge").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cases"]
+
+
+def translation_transform(scene, offset_mm=(14.0, 0.0, 0.0)):
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "moved")
+    matrix = np.eye(4)
+    matrix[:3, 3] = offset_mm
+    transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(matrix))
+    return transform
+
+
+def test_a_second_run_on_a_transformed_volume_lands_on_the_volume(run, converters):
+    # Finding 3: after run 1 the segmentation sits in the volume's transform; run 2's labels must be imported there too.
+    scene = new_scene()
+    volume = volume_node(scene, run["image"], oblique_lps_matrix())
+    volume.SetAndObserveTransformNodeID(translation_transform(scene).GetID())
+    engine_labels = read_volume(run["out"] / "segmentation.nii.gz").array.transpose(2, 1, 0)
+    first = lib_scene.import_results(scene, volume, run["out"])
+    again = lib_scene.import_results(scene, volume, run["out"])
+    assert again.segmentation is first.segmentation
+    assert again.segmentation.GetTransformNodeID() == volume.GetTransformNodeID()
+    np.testing.assert_array_equal(segmentation_labels(scene, again.segmentation, volume), engine_labels)
+
+
+def test_scribbles_from_a_label_map_keep_unpainted_voxels_unlabelled(run):
+    # Finding 5: Slicer's unpainted label-map voxels are 0; the engine's "unlabelled" is 255.
+    scene, volume = run["scene"], run["volume"]
+    painted = np.zeros_like(run["reference_labels"])
+    painted[7, 11, 13], painted[3, 4, 5] = 2, 1
+    scribbles = volume_node(scene, painted, oblique_lps_matrix(), "painted", "vtkMRMLLabelMapVolumeNode")
+    path = lib_scene.write_label_map(scene, scribbles, volume, run["folder"] / "painted.nrrd", LABEL_VALUES, scribbles=True)
+    written = read_volume(path).array.transpose(2, 1, 0)
+    assert written[7, 11, 13] == 2 and written[3, 4, 5] == 1
+    assert (written == lib_scene.UNLABELLED).sum() == written.size - 2
+
+
+def test_a_reference_label_map_on_another_grid_is_resampled_to_the_volume_grid(run):
+    # Finding 8: a reference on a finer grid (half the voxel size, shifted by half a voxel of it) is taken, not refused.
+    scene, volume = run["scene"], run["volume"]
+    volume_matrix = oblique_lps_matrix()
+    fine_matrix = volume_matrix.copy()
+    fine_matrix[:3, :3] = volume_matrix[:3, :3] / 2
+    fine_matrix[:3, 3] = volume_matrix[:3, 3] - volume_matrix[:3, :3] @ np.array([0.25, 0.25, 0.25])
+    fine = np.repeat(np.repeat(np.repeat(run["reference_labels"], 2, axis=0), 2, axis=1), 2, axis=2)
+    reference = volume_node(scene, fine, fine_matrix, "fine reference", "vtkMRMLLabelMapVolumeNode")
+    path = lib_scene.write_label_map(scene, reference, volume, run["folder"] / "fine.nrrd", LABEL_VALUES)
+    written = read_volume(path)
+    np.testing.assert_allclose(written.geometry.affine_ras, volume_matrix, atol=1e-6)
+    np.testing.assert_array_equal(written.array.transpose(2, 1, 0), run["reference_labels"])
+
+
+def test_a_reference_label_map_in_another_transform_is_resampled_through_it(run):
+    scene, volume = run["scene"], run["volume"]
+    shifted_matrix = oblique_lps_matrix()
+    shifted_matrix[:3, 3] -= (0.0, 0.0, 2 * 2.5)  # two slices lower ...
+    reference = volume_node(scene, run["reference_labels"], shifted_matrix, "shifted reference", "vtkMRMLLabelMapVolumeNode")
+    reference.SetAndObserveTransformNodeID(translation_transform(scene, (0.0, 0.0, 2 * 2.5)).GetID())  # ... moved back up
+    written = read_volume(lib_scene.write_label_map(scene, reference, volume, run["folder"] / "moved.nrrd", LABEL_VALUES))
+    np.testing.assert_array_equal(written.array.transpose(2, 1, 0), run["reference_labels"])
+
+
+def test_a_case_visited_again_reuses_its_volume_node(tmp_path):
+    # Finding 7: Previous/Next must not load a case (and then its results) again on every visit.
+    scene = new_scene()
+    image, _ = phantom()
+    source = volume_node(scene, image, oblique_lps_matrix(), "source")
+    case = lib_scene.write_volume_node(source, tmp_path / "patient3.nrrd")
+    loads = []
+
+    def load(path):
+        loads.append(path)
+        return lib_scene.read_volume_node(scene, path, "vtkMRMLScalarVolumeNode")
+
+    first = lib_scene.case_volume(scene, case, load)
+    count = scene.GetNumberOfNodes()
+    assert lib_scene.case_volume(scene, tmp_path / "." / "patient3.nrrd", load) is first
+    assert scene.GetNumberOfNodes() == count and loads == [case]
+    other = lib_scene.write_volume_node(source, tmp_path / "patient4.nrrd")
+    assert lib_scene.case_volume(scene, other, load) is not first and len(loads) == 2
+
+
+def test_a_case_run_with_a_reference_is_reused_the_second_time(run, tmp_path, converters):
+    # Finding 6: the reference goes through a new temporary file each run; the case compares its content.
+    scene = new_scene()
+    volume = volume_node(scene, run["image"], oblique_lps_matrix(), "source")
+    case = lib_scene.write_volume_node(volume, tmp_path / "cases" / "patient8.nrrd")
+    reference = segmentation_from_labels(scene, run["reference_labels"], volume, {1: "structure 1", 2: "structure 2"})
+    request = RunRequest(models=run["models"], method="mean", device="cpu")
+    job = start_run(scene, volume, request, labels=reference, label_values=LABEL_VALUES, case=case, work_root=str(tmp_path))
+    job.process.wait(600)
+    assert job.succeeded, job.process.error
+    finish_run(scene, job)
+    again = start_run(scene, volume, request, labels=reference, label_values=LABEL_VALUES, case=case, work_root=str(tmp_path))
+    assert again.process is None, "the same reference is served from the case's results"
+    finish_run(scene, again)
+    edited = run["reference_labels"].copy()
+    edited[edited == 2] = 1
+    other = segmentation_from_labels(scene, edited, volume, {1: "structure 1"}, "edited")
+    changed = start_run(scene, volume, request, labels=other, label_values=LABEL_VALUES, case=case, work_root=str(tmp_path))
+    assert changed.process is not None, "another reference runs the engine again"
+    abandon_run(changed)

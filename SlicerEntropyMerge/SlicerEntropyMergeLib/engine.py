@@ -104,6 +104,9 @@ def engine_environment(base: dict | None = None) -> dict:
     paths = [str(ENGINE_FOLDER)] + [p for p in environment.get("PYTHONPATH", "").split(os.pathsep) if p]
     environment["PYTHONPATH"] = os.pathsep.join(paths)
     environment["PYTHONUNBUFFERED"] = "1"
+    # UTF-8 on every platform (Windows' console code page would garble non-ASCII names in the progress lines we read).
+    environment["PYTHONUTF8"] = "1"
+    environment["PYTHONIOENCODING"] = "utf-8"
     return environment
 
 

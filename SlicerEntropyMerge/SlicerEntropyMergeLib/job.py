@@ -7,6 +7,7 @@ the scene as it was.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import tempfile
 from dataclasses import dataclass, replace
@@ -49,10 +50,11 @@ def start_run(scene, volume, request: RunRequest, labels=None, label_values: dic
     """
     work = Path(tempfile.mkdtemp(prefix="EntropyMerge-", dir=work_root))
     try:
+        labels_path = None
         if labels is not None:
-            path = write_label_map(scene, labels, volume, work / "labels.nrrd", label_values or {}, scribbles)
-            request = replace(request, **({"scribbles": str(path), "rank": True} if scribbles else {"reference": str(path)}))
-        options = request.option_arguments()
+            labels_path = write_label_map(scene, labels, volume, work / "labels.nrrd", label_values or {}, scribbles)
+            request = replace(request, **({"scribbles": str(labels_path), "rank": True} if scribbles else {"reference": str(labels_path)}))
+        options = remembered_options(request.option_arguments(), labels_path)
         if case is not None:
             job = RunJob(volume, cases.results_folder(case), work, case, options)
             if cases.has_reusable_results(case, options):
@@ -67,6 +69,14 @@ def start_run(scene, volume, request: RunRequest, labels=None, label_values: dic
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+
+
+def remembered_options(options: list[str], labels_path: Path | None) -> list[str]:
+    """The options as a case remembers them: the labels file (in a new temporary folder each run) by its content."""
+    if labels_path is None:
+        return options
+    digest = "sha256:" + hashlib.sha256(labels_path.read_bytes()).hexdigest()
+    return [digest if option == str(labels_path) else option for option in options]
 
 
 def finish_run(scene, job: RunJob, segmentation=None, entropy: bool = True) -> ImportedResults:

@@ -174,7 +174,8 @@ class EngineProcess:
 def kill_process_tree(pid: int) -> None:
     """Kill the process group that ``pid`` leads (the child and its descendants)."""
     if os.name == "nt":
-        subprocess.run(["taskkill", "/F", "/T", "/PID", str(pid)], capture_output=True)
+        # taskkill is a console program: without CREATE_NO_WINDOW it flashes a console window over Slicer.
+        subprocess.run(["taskkill", "/F", "/T", "/PID", str(pid)], capture_output=True, creationflags=subprocess.CREATE_NO_WINDOW)
         return
     try:
         os.killpg(pid, signal.SIGKILL)

@@ -20,12 +20,14 @@ import numpy as np
 import slicer
 import slicer.util
 import vtk
+from vtk.util import numpy_support
 
 from . import tr as _
 from .engine import read_summary
 
 ROLE = "EntropyMerge.Role"
 SOURCE = "EntropyMerge.Volume"
+CASE = "EntropyMerge.Case"  # on a volume loaded from a case file: the file's resolved path
 ENTROPY_COLORMAP = "magma"  # the perceptual map of the engine's figures (entropymerge.figures)
 UNLABELLED = 255  # the engine's default --unlabelled-value for scribbles
 
@@ -76,16 +78,50 @@ def label_map_on_grid(scene, segmentation, reference_volume, values: dict[str, i
     return labels
 
 
+def resample_label_map(label_map, reference_volume, background: int = 0) -> np.ndarray:
+    """A label map node's values as a (k, j, i) array on the reference volume's grid (nearest neighbour).
+
+    Their transforms are taken into account; voxels outside the label map get ``background``.
+    """
+    shape = reference_volume.GetImageData().GetDimensions()[::-1]
+    between = vtk.vtkMatrix4x4()  # reference volume's coordinates -> label map's coordinates
+    slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(reference_volume.GetParentTransformNode(), label_map.GetParentTransformNode(), between)
+    reference_ijk_to_ras, label_ijk_to_ras = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+    reference_volume.GetIJKToRASMatrix(reference_ijk_to_ras)
+    label_map.GetIJKToRASMatrix(label_ijk_to_ras)
+    reference_to_label_ijk = (np.linalg.inv(slicer.util.arrayFromVTKMatrix(label_ijk_to_ras)) @ slicer.util.arrayFromVTKMatrix(between)
+                              @ slicer.util.arrayFromVTKMatrix(reference_ijk_to_ras))
+    values = slicer.util.arrayFromVolume(label_map)
+    if values.shape == shape and np.allclose(reference_to_label_ijk, np.eye(4), atol=1e-6):
+        return values.copy()  # already on the volume's grid
+    reslice = vtk.vtkImageReslice()
+    reslice.SetInputData(label_map.GetImageData())
+    reslice.SetResliceAxes(slicer.util.vtkMatrixFromArray(reference_to_label_ijk))
+    reslice.SetInterpolationModeToNearestNeighbor()
+    reslice.SetBackgroundLevel(background)
+    reslice.SetOutputOrigin(0, 0, 0)
+    reslice.SetOutputSpacing(1, 1, 1)
+    reslice.SetOutputExtent(0, shape[2] - 1, 0, shape[1] - 1, 0, shape[0] - 1)
+    reslice.Update()
+    output = reslice.GetOutput()
+    return numpy_support.vtk_to_numpy(output.GetPointData().GetScalars()).reshape(shape).copy()
+
+
 def write_label_map(scene, node, reference_volume, path: str | Path, values: dict[str, int], scribbles: bool = False) -> Path:
     """Write a reference segmentation or scribbles (label map or segmentation node) on the volume's grid.
 
-    Segmentation segments are mapped to label values by name (see ``label_map_on_grid``); for
-    scribbles, unpainted voxels get the engine's unlabelled value and a segment named like the
-    background label marks painted background.
+    A label map on another grid is resampled to the volume's (nearest neighbour). Segmentation
+    segments are mapped to label values by name (see ``label_map_on_grid``). For scribbles, unpainted
+    voxels get the engine's unlabelled value: in a label map these are Slicer's 0s (so painted
+    background needs a segment named like the background label).
     """
     if node.IsA("vtkMRMLLabelMapVolumeNode"):
-        return write_volume_node(node, path)
-    labels = label_map_on_grid(scene, node, reference_volume, values, UNLABELLED if scribbles else 0)
+        labels = resample_label_map(node, reference_volume)
+        if scribbles:
+            labels = labels.astype(np.int32)
+            labels[labels == 0] = UNLABELLED
+    else:
+        labels = label_map_on_grid(scene, node, reference_volume, values, UNLABELLED if scribbles else 0)
     carrier = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
     try:
         carrier.CopyOrientation(reference_volume)
@@ -203,6 +239,7 @@ def fill_segmentation(scene, segmentation, labels_path: str, labels: list[dict],
     display settings; every label gets its segment, empty when the model found none of it.
     """
     segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    _follow_volume(segmentation, volume)
     if segmentation.GetDisplayNode() is None:
         segmentation.CreateDefaultDisplayNodes()
     contents = segmentation.GetSegmentation()
@@ -211,6 +248,7 @@ def fill_segmentation(scene, segmentation, labels_path: str, labels: list[dict],
     for label in sorted(labels, key=lambda item: item["value"])[1:]:
         segment_ids.InsertNextValue(contents.AddEmptySegment(label["name"], label["name"], _rgb(label["color"])))
     label_map = read_volume_node(scene, labels_path, "vtkMRMLLabelMapVolumeNode")
+    _follow_volume(label_map, volume)  # the engine's labels are on the volume's grid: in its transform, like the segmentation
     try:
         if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(label_map, segmentation, segment_ids):
             raise RuntimeError(f"could not import the segmentation {labels_path}")
@@ -343,6 +381,17 @@ def ranking_chart(build: _ResultBuilder, ranking_table, name: str):
         series.SetColor(*color)
         chart.AddAndObservePlotSeriesNodeID(series.GetID())
     return chart
+
+
+def case_volume(scene, case: str | Path, load):
+    """The volume node of a case file: the one loaded on an earlier visit, else ``load(case)`` marked as that case."""
+    key = str(Path(case).resolve())
+    existing = find_node(scene, "vtkMRMLScalarVolumeNode", {CASE: key})
+    if existing is not None:
+        return existing
+    node = load(case)
+    node.SetAttribute(CASE, key)
+    return node
 
 
 def _follow_volume(node, volume) -> None:

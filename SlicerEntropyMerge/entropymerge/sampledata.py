@@ -21,6 +21,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from .errors import UserInputError
+from .samplefiles import SAMPLES, SampleTarget, bundled_models, bundled_targets  # noqa: F401 (the sample assets' paths, re-exported)
 from .volume import Geometry, Volume, write_volume
 
 TISSUES = ("air", "body", "fat", "bone", "kidney", "organ", "vessel", "lesion")
@@ -307,31 +308,3 @@ def simulate_scribbles(labels: Volume, seed: int, strokes: int = 3, length_mm: f
             scribbles[tuple(points.T)] = value
     return Volume(scribbles, labels.geometry)
 
-
-# ---------------------------------------------------------------------------------------------
-# The bundled sample assets (see samples/README.md for how they were made)
-
-SAMPLES = Path(__file__).resolve().parent / "samples"
-
-
-def bundled_models(kind: str = "dropgen") -> Path:
-    """Folder of the bundled site models: ``dropgen`` (image + MIND-SSC features) or ``image-only``."""
-    folder = SAMPLES / "models" / kind
-    if not folder.is_dir():
-        raise UserInputError(f"the bundled sample models ({kind}) are missing: {folder}")
-    return folder
-
-
-@dataclass(frozen=True)
-class SampleTarget:
-    name: str
-    image: Path
-    labels: Path
-
-
-def bundled_targets() -> list[SampleTarget]:
-    """The bundled target volumes from unseen sites, with their ground truth."""
-    images = sorted((SAMPLES / "targets").glob("*_image.nii.gz"))
-    if not images:
-        raise UserInputError(f"the bundled sample targets are missing: {SAMPLES / 'targets'}")
-    return [SampleTarget(p.name[: -len("_image.nii.gz")], p, p.with_name(p.name.replace("_image", "_labels"))) for p in images]
