@@ -3,15 +3,18 @@ Cancel kills the whole process tree within 2 s, a failing engine reports its own
 
 from __future__ import annotations
 
+import os
 import sys
 import textwrap
 import time
+import types
 from pathlib import Path
 
 import pytest
 
 from SlicerEntropyMergeLib import cases
-from SlicerEntropyMergeLib.engine import ModelReport, RunRequest, models_needed, models_process, parse_roi_size, run_process
+from SlicerEntropyMergeLib import process as process_module
+from SlicerEntropyMergeLib.engine import ModelReport, RunRequest, engine_environment, models_needed, models_process, parse_roi_size, run_process
 from SlicerEntropyMergeLib.process import CANCELLED, FAILED, SUCCEEDED, EngineProcess, parse_line
 
 
@@ -175,3 +178,24 @@ def test_case_folder_lists_volumes_and_reuses_matching_results(tmp_path):
     assert not cases.has_reusable_results(case, RunRequest(models=["m.json"], method="mean").option_arguments())
     cases.discard_results(case)
     assert not cases.results_folder(case).exists()
+
+
+def test_the_engine_child_writes_utf8_whatever_the_platform_default(tmp_path):
+    # Finding 10: on Windows the console code page would garble non-ASCII lines; the engine child is told UTF-8.
+    environment = engine_environment({"PATH": os.environ.get("PATH", ""), "PYTHONIOENCODING": "latin-1"})
+    assert environment["PYTHONUTF8"] == "1" and environment["PYTHONIOENCODING"] == "utf-8"
+    process = EngineProcess(python("import sys; print(sys.stdout.encoding, sys.flags.utf8_mode); print('Zürich – São Paulo')"),
+                            environment)
+    process.start()
+    events = poll_until(process, lambda _: process.finished)
+    assert [e.message for e in events if e.kind == "text"] == ["utf-8 1", "Zürich – São Paulo"]
+
+
+def test_cancel_on_windows_runs_taskkill_without_a_console_window(monkeypatch):
+    # A stand-in for Windows (os.name "nt" and its subprocess flag), recording the taskkill call instead of running it.
+    calls = []
+    monkeypatch.setattr(process_module, "os", types.SimpleNamespace(name="nt"))
+    monkeypatch.setattr(process_module.subprocess, "CREATE_NO_WINDOW", 0x08000000, raising=False)
+    monkeypatch.setattr(process_module.subprocess, "run", lambda arguments, **options: calls.append((arguments, options)))
+    process_module.kill_process_tree(4242)
+    assert calls == [(["taskkill", "/F", "/T", "/PID", "4242"], {"capture_output": True, "creationflags": 0x08000000})]
