@@ -103,3 +103,32 @@ def test_module_load_needs_none_of_the_packages_it_installs_later():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=MODULE, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["2", "dropgen"]
+
+
+def test_sample_registration_at_slicer_start_imports_only_the_standard_library():
+    # Finding 12: registerSampleData runs at every Slicer start; it lists two files and must not import numpy,
+    # scipy or SimpleITK (nor anything the module installs later) to do it.
+    tree = ast.parse(SOURCE)
+    register = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "registerSampleData")
+    imported = {node.module for node in ast.walk(register) if isinstance(node, ast.ImportFrom)}
+    assert imported == {"entropymerge.samplefiles"}
+    blocked = ("numpy", "scipy", "SimpleITK", "torch", "monai", "nibabel", "safetensors", "yaml", "matplotlib", "tqdm")
+    code = (f"import sys; sys.modules.update(dict.fromkeys({blocked!r}));"
+            "from entropymerge.samplefiles import bundled_targets, bundled_models;"
+            "print(*[t.name for t in bundled_targets()], bundled_models().name)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=MODULE, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["lowfield-t1", "t2-fatsat", "dropgen"]
+
+
+def test_the_help_links_to_the_extension_documentation_and_the_self_test_is_registered():
+    # Finding 11 (the default link points to a core-module page that does not exist) and finding 9.
+    assert "getDefaultModuleDocumentationLink" not in SOURCE
+    assert 'DOCUMENTATION_URL = "https://github.com/SlicerEntropyMerge/SlicerEntropyMerge#use-in-3d-slicer"' in SOURCE
+    readme = (REPOSITORY / "README.md").read_text(encoding="utf-8")
+    assert "\n## Use in 3D Slicer\n" in readme
+    cmake = (MODULE / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert re.search(r"if\(BUILD_TESTING\)\s*(#[^\n]*\n\s*)*slicer_add_python_unittest\(SCRIPT \$\{MODULE_NAME\}\.py\)\s*endif\(\)", cmake)
+    extension = (REPOSITORY / "CMakeLists.txt").read_text(encoding="utf-8")
+    screenshot = re.search(r'set\(EXTENSION_SCREENSHOTURLS "(.+?)"\)', extension).group(1)
+    assert screenshot.endswith("/main/Resources/Screenshots/report.png") and (REPOSITORY / "Resources/Screenshots/report.png").is_file()
