@@ -256,7 +256,7 @@ class SlicerEntropyMergeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
 
     def checkModels(self) -> None:
         """Describe the listed models in the background (name, site, labels, compatibility) when the list changed."""
-        if self.modelCheck.update(self._parameterNode.modelPaths, self.logic.dependenciesInstalled()):
+        if self.modelCheck.update(self._parameterNode.modelPaths, self.logic.dependenciesInstalled):
             if self.modelCheck.running:
                 self.timer.start()
             self.updateModelsTable()
@@ -370,7 +370,7 @@ class SlicerEntropyMergeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation."), waitCursor=True):
             if self.modelCheck.report is None:
-                self.modelCheck.request_apply(self._parameterNode.modelPaths, can_run=True)
+                self.modelCheck.request_apply(self._parameterNode.modelPaths, can_run=lambda: True)
                 self.timer.start()
                 self.updateModelsTable()
                 self._checkCanApply()

@@ -6,10 +6,14 @@ from __future__ import annotations
 import sys
 import time
 
+import pytest
+
 from SlicerEntropyMergeLib.binding import GuiBinding
 from SlicerEntropyMergeLib.engine import models_process
 from SlicerEntropyMergeLib.modelcheck import ModelCheck, apply_blocker
 from SlicerEntropyMergeLib.process import EngineProcess
+
+YES, NO = (lambda: True), (lambda: False)
 
 
 def wait_for_outcome(check: ModelCheck, timeout: float = 300.0):
@@ -36,13 +40,13 @@ def test_a_folder_is_checked_once_and_expanded_to_its_models(model_factory, tmp_
         return models_process(listed)
 
     check = ModelCheck(start)
-    assert check.update([str(folder)], can_run=True) and check.running
+    assert check.update([str(folder)], can_run=YES) and check.running
     assert blocker(check, [str(folder), "x"]) == "Checking the site models..."
     outcome = wait_for_outcome(check)
     assert outcome.error is None and not outcome.apply
     assert [entry["name"] for entry in outcome.report.models] == ["north", "south"]
     assert sorted(check.checked_paths) == sorted(paths)
-    assert not check.update(check.checked_paths, can_run=True), "the expanded list is what was checked"
+    assert not check.update(check.checked_paths, can_run=YES), "the expanded list is what was checked"
     assert started == [[str(folder)]]
     assert blocker(check, check.checked_paths) is None
     assert blocker(check, check.checked_paths, method="single", single_model="east") == "Choose the site model that the single method runs."
@@ -52,7 +56,7 @@ def test_a_folder_is_checked_once_and_expanded_to_its_models(model_factory, tmp_
 def test_incompatible_models_block_apply_with_the_engine_reason(model_factory):
     check = ModelCheck()
     paths = [str(model_factory("a", seed=1)), str(model_factory("b", seed=2, classes=4))]
-    check.update(paths, can_run=True)
+    check.update(paths, can_run=YES)
     outcome = wait_for_outcome(check)
     assert outcome.report is not None and not outcome.report.compatible
     assert blocker(check, paths).startswith("Site model b cannot be used: cannot be used with 'a'")
@@ -61,9 +65,10 @@ def test_incompatible_models_block_apply_with_the_engine_reason(model_factory):
 def test_apply_before_a_check_checks_then_says_apply(model_factory):
     paths = [str(model_factory("a", seed=1)), str(model_factory("b", seed=2))]
     check = ModelCheck()
-    check.update(paths, can_run=False)  # packages missing when the list was made: no check, no report
+    check.update(paths, can_run=NO)  # packages missing when the list was made: no check, no report
+    assert not check.update(paths, can_run=lambda: pytest.fail("not asked again for the same list"))
     assert not check.running and check.report is None
-    check.request_apply(paths, can_run=True)
+    check.request_apply(paths, can_run=YES)
     assert check.running and check.apply_when_done
     outcome = wait_for_outcome(check)
     assert outcome.apply and outcome.report.compatible
@@ -73,7 +78,7 @@ def test_apply_before_a_check_checks_then_says_apply(model_factory):
 def test_a_missing_model_blocks_apply_with_the_engine_reason(tmp_path):
     check = ModelCheck()
     missing = str(tmp_path / "nowhere.json")
-    check.request_apply([missing, missing], can_run=True)
+    check.request_apply([missing, missing], can_run=YES)
     outcome = wait_for_outcome(check)
     assert outcome.apply, "the Widget presses Apply only if nothing blocks it"
     assert blocker(check, [missing, missing]) == f"Site model nowhere cannot be used: model not found: {missing}"
@@ -82,20 +87,20 @@ def test_a_missing_model_blocks_apply_with_the_engine_reason(tmp_path):
 def test_a_failing_check_reports_the_message_and_does_not_apply():
     # e.g. the engine's packages vanished: the check process dies before it prints a report
     check = ModelCheck(lambda paths: EngineProcess([sys.executable, "-c", "import sys; sys.exit('no module named torch')"]))
-    check.request_apply(["a", "b"], can_run=True)
+    check.request_apply(["a", "b"], can_run=YES)
     outcome = wait_for_outcome(check)
     assert (outcome.report, outcome.error, outcome.apply) == (None, "no module named torch", False)
-    assert not check.update(["a", "b"], can_run=True), "the same list is not checked again until it changes"
+    assert not check.update(["a", "b"], can_run=YES), "the same list is not checked again until it changes"
     assert blocker(check, ["a", "b"]) is None, "Apply stays possible: it checks again"
 
 
 def test_a_changed_list_cancels_the_check_under_way(model_factory):
     first = [str(model_factory("a", seed=1))]
     check = ModelCheck()
-    check.update(first, can_run=True)
+    check.update(first, can_run=YES)
     running = check.process
     second = first + [str(model_factory("b", seed=2))]
-    assert check.update(second, can_run=True)
+    assert check.update(second, can_run=YES)
     assert running.state == "cancelled" and check.process is not running
     assert [entry["name"] for entry in wait_for_outcome(check).report.models] == ["a", "b"]
     check.reset()

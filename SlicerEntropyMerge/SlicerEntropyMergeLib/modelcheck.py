@@ -42,21 +42,21 @@ class ModelCheck:
     def running(self) -> bool:
         return self.process is not None
 
-    def update(self, paths: list[str], can_run: bool) -> bool:
-        """Check ``paths`` when they differ from the last ones checked; ``can_run`` False (packages missing) only
-        forgets the old report. Returns True when the state changed."""
+    def update(self, paths: list[str], can_run: Callable[[], bool]) -> bool:
+        """Check ``paths`` when they differ from the last ones checked; when ``can_run()`` says no (packages
+        missing), only forget the old report. Returns True when the state changed."""
         paths = list(paths)
         if paths == self.checked_paths:
-            return False
+            return False  # asked on every parameter change: can_run (a package look-up) is not called then
         self.cancel()
         self.checked_paths = paths
-        if can_run:  # with no models listed, the check only detects the device
+        if can_run():  # with no models listed, the check only detects the device
             self.lines = []
             self.process = self.start_process(paths)
             self.process.start()
         return True
 
-    def request_apply(self, paths: list[str], can_run: bool) -> None:
+    def request_apply(self, paths: list[str], can_run: Callable[[], bool]) -> None:
         """Apply was pressed before a report exists: check again now, and say ``apply`` when it ends."""
         self.checked_paths = None
         self.update(paths, can_run)
