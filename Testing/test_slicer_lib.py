@@ -429,3 +429,21 @@ def test_a_case_run_with_a_reference_is_reused_the_second_time(run, tmp_path, co
     changed = start_run(scene, volume, request, labels=other, label_values=LABEL_VALUES, case=case, work_root=str(tmp_path))
     assert changed.process is not None, "another reference runs the engine again"
     abandon_run(changed)
+
+
+def test_a_reference_label_map_behind_a_non_linear_transform_is_refused_with_the_way_out(run):
+    scene, volume = run["scene"], run["volume"]
+    reference = volume_node(scene, run["reference_labels"], oblique_lps_matrix(), "warped reference", "vtkMRMLLabelMapVolumeNode")
+    source, target = vtk.vtkPoints(), vtk.vtkPoints()
+    for point in ((0, 0, 0), (50, 0, 0), (0, 50, 0), (0, 0, 50)):
+        source.InsertNextPoint(point)
+        target.InsertNextPoint(point[0] + 1.0, point[1], point[2])
+    target.SetPoint(1, 53.0, 2.0, 0.0)
+    warp = vtk.vtkThinPlateSplineTransform()
+    warp.SetSourceLandmarks(source)
+    warp.SetTargetLandmarks(target)
+    transform = scene.AddNewNodeByClass("vtkMRMLTransformNode", "warp")
+    transform.SetAndObserveTransformToParent(warp)
+    reference.SetAndObserveTransformNodeID(transform.GetID())
+    with pytest.raises(ValueError, match="warped reference and case are related by a non-linear transform; harden it"):
+        lib_scene.write_label_map(scene, reference, volume, run["folder"] / "warped.nrrd", LABEL_VALUES)

@@ -81,11 +81,15 @@ def label_map_on_grid(scene, segmentation, reference_volume, values: dict[str, i
 def resample_label_map(label_map, reference_volume, background: int = 0) -> np.ndarray:
     """A label map node's values as a (k, j, i) array on the reference volume's grid (nearest neighbour).
 
-    Their transforms are taken into account; voxels outside the label map get ``background``.
+    Their (linear) transforms are taken into account; voxels outside the label map get ``background``.
+    Raises ``ValueError`` when a non-linear transform lies between them.
     """
     shape = reference_volume.GetImageData().GetDimensions()[::-1]
     between = vtk.vtkMatrix4x4()  # reference volume's coordinates -> label map's coordinates
-    slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(reference_volume.GetParentTransformNode(), label_map.GetParentTransformNode(), between)
+    if not slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(reference_volume.GetParentTransformNode(),
+                                                                      label_map.GetParentTransformNode(), between):
+        raise ValueError(_("{labels} and {volume} are related by a non-linear transform; harden it on {labels} first (Data "
+                           "module: right-click, Harden transform)").format(labels=label_map.GetName(), volume=reference_volume.GetName()))
     reference_ijk_to_ras, label_ijk_to_ras = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
     reference_volume.GetIJKToRASMatrix(reference_ijk_to_ras)
     label_map.GetIJKToRASMatrix(label_ijk_to_ras)
