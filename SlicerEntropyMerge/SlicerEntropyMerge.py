@@ -270,7 +270,8 @@ class SlicerEntropyMergeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
 
     def onModelsChecked(self) -> None:
         check, self.modelsCheck = self.modelsCheck, None
-        if check.state != SUCCEEDED:
+        # exit code 2 with a report on stdout: some models are unusable, and the report says which
+        if check.state != SUCCEEDED and not (check.returncode == 2 and self.modelsCheckLines):
             self.appendLog(_("Could not check the site models: {message}").format(message=check.error))
             self.applyAfterCheck = False
             self.updateModelsTable()

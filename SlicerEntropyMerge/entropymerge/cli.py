@@ -21,7 +21,8 @@ from .progress import Progress, make_progress
 
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
-        raise UserInputError(f"{self.prog}: {message}")
+        usage = " ".join(self.format_usage().split())  # "usage: entropymerge [-h] ... {run,...} ..."
+        raise UserInputError(f"{self.prog}: {message} ({usage})")
 
 
 def positive_int(text: str) -> int:
@@ -336,7 +337,7 @@ def command_train(args, progress: Progress) -> None:
             print(f"{site}: {args.out / (site + '.json')} (validation Dice on its own site {score:.3f})")
 
 
-def command_models(args, progress: Progress) -> None:
+def command_models(args, progress: Progress) -> int:
     import json
 
     from .inference import describe_device, resolve_device
@@ -344,14 +345,16 @@ def command_models(args, progress: Progress) -> None:
 
     entries = describe_models(args.paths, args.trust_code)
     device = describe_device(resolve_device("auto"))
+    unusable = ExitCode.BAD_INPUT if any(not entry["compatible"] for entry in entries) else ExitCode.OK
     if args.json:
         print(json.dumps({"models": entries, "auto_device": device}))
-        return
+        return unusable
     for entry in entries:
         labels = ", ".join(label["name"] for label in entry.get("labels", []))
         state = "ok" if entry["compatible"] else f"NOT USABLE: {entry['problem']}"
         print(f"{entry['name']:<16} {entry.get('site') or '':<40} [{labels}] {state}")
     print(f"device (auto): {device}")
+    return unusable
 
 
 def command_fetch_weights(args, progress: Progress) -> None:

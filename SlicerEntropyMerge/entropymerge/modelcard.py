@@ -14,6 +14,7 @@ from typing import Any
 
 from .errors import UserInputError
 from .safeconfig import INTENSITY_TRANSFORMS, array_transform_name
+from .validation import read_config
 
 CARD_FORMAT = "entropymerge-model-card"
 CARD_VERSION = 1
@@ -122,7 +123,7 @@ class ModelCard:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n", encoding="utf-8")
         return path
 
     @classmethod
@@ -182,13 +183,7 @@ class ModelCard:
     @classmethod
     def load(cls, path: str | Path) -> "ModelCard":
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise UserInputError(f"model card not found: {path}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise UserInputError(f"model card {path} is not valid JSON: {error}") from None
-        return cls.from_json(data, path)
+        return cls.from_json(read_config(path, "model card"), path)
 
 
 def is_model_card_file(path: Path) -> bool:
@@ -196,8 +191,8 @@ def is_model_card_file(path: Path) -> bool:
     if path.suffix.lower() != ".json" or not path.is_file():
         return False
     try:
-        return json.loads(path.read_text()).get("format") == CARD_FORMAT
-    except (ValueError, UnicodeDecodeError, AttributeError):
+        return json.loads(path.read_text(encoding="utf-8")).get("format") == CARD_FORMAT
+    except (ValueError, UnicodeDecodeError, AttributeError, RecursionError):
         return False
 
 

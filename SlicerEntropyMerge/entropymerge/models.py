@@ -20,10 +20,14 @@ from .bundle import is_bundle, read_bundle
 from .errors import CodeExecutionRefused, UserInputError
 from .modelcard import ModelCard, is_model_card_file
 from .safeconfig import build_network
+from .validation import inside_folder, no_network, regular_file
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt", ".bin")
 TORCHSCRIPT_SUFFIXES = (".ts",)
 STATE_DICT_WRAPPERS = ("state_dict", "model_state_dict", "model", "network", "net", "weights")
+# Tensor types a state dict may hold: real floating-point parameters and integer buffers (counters).
+WEIGHT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64,
+                           torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool})
 
 
 @dataclass
@@ -43,8 +47,7 @@ class SiteModel:
 
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` or a PyTorch file, never unpickling arbitrary objects."""
-    if not path.is_file():
-        raise UserInputError(f"weights file not found: {path}")
+    regular_file(path, "weights file")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -63,10 +66,14 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
                 f"refused to load {path}: it holds Python objects other than tensors, which could run code when "
                 f"loaded ({_unpickling_reason(error)}). Site model files are read as plain weights only."
             ) from None
-        except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
-            raise UserInputError(f"could not read weights {path}: not a PyTorch weights file ({str(error).splitlines()[0]})") from None
+        except Exception as error:  # a damaged archive or pickle fails in many ways; none of them is our bug
+            reason = (str(error).splitlines() or [type(error).__name__])[0]
+            raise UserInputError(f"could not read weights {path}: not a PyTorch weights file ({reason})") from None
     state = _unwrap_state_dict(loaded, path)
     for key, tensor in state.items():
+        if tensor.dtype not in WEIGHT_DTYPES:
+            raise UserInputError(f"weights {path}: '{key}' has the unsupported type {str(tensor.dtype).replace('torch.', '')}; "
+                                 "site model weights must be real floating-point numbers")
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise UserInputError(f"weights {path} contain NaN or infinite values (first in '{key}')")
     return state
@@ -122,8 +129,15 @@ def load_weights_into(network: torch.nn.Module, state: dict[str, torch.Tensor], 
 
 
 def load_site_model(path: str | Path, trust_code: bool = False) -> SiteModel:
-    """Load one site model from a card, a weights or TorchScript file with its card, or a bundle."""
-    path = Path(path)
+    """Load one site model from a card, a weights or TorchScript file with its card, or a bundle.
+
+    Nothing it does reaches the network (``no_network``), and a model's files must lie in its folder.
+    """
+    with no_network(f"site model {path}"):
+        return _load_site_model(Path(path), trust_code)
+
+
+def _load_site_model(path: Path, trust_code: bool) -> SiteModel:
     if not path.exists():
         raise UserInputError(f"model not found: {path}")
     if is_bundle(path):
@@ -150,7 +164,7 @@ def load_site_model(path: str | Path, trust_code: bool = False) -> SiteModel:
         return _load_torchscript(weights, card, trust_code)
     if card.network is None:
         raise UserInputError(f"model card {card_path} has no 'network'; it is needed to build the model from plain weights")
-    network = build_network(card.network, f"model card {card_path}: 'network'")
+    network = build_network(card.network, f"model card {card_path}: 'network'", trust_code)
     load_weights_into(network, load_state_dict_file(weights), weights, card_path)
     return SiteModel(card.name, path, card, network.eval(), "weights")
 
@@ -158,8 +172,7 @@ def load_site_model(path: str | Path, trust_code: bool = False) -> SiteModel:
 def _card_weights(card: ModelCard, card_path: Path) -> Path:
     if not card.weights:
         raise UserInputError(f"model card {card_path} does not name its 'weights' file")
-    weights = Path(card.weights)
-    return weights if weights.is_absolute() else card_path.parent / weights
+    return inside_folder(card_path.parent / card.weights, card_path.parent, f"model card {card_path}: weights")
 
 
 def _load_bundle(root: Path, trust_code: bool) -> SiteModel:
@@ -169,7 +182,7 @@ def _load_bundle(root: Path, trust_code: bool) -> SiteModel:
         model.source, model.kind, model.notes = root, "bundle", notes
         return model
     where = f"bundle {root}: 'network_def'"
-    network = build_network(card.network, where)
+    network = build_network(card.network, where, trust_code)
     load_weights_into(network, load_state_dict_file(weights), weights, where)
     return SiteModel(card.name, root, card, network.eval(), "bundle", notes)
 
