@@ -8,6 +8,7 @@ TorchScript files are programs and load only when the user trusts them.
 
 from __future__ import annotations
 
+import json
 import pickle
 import zipfile
 from collections.abc import Mapping
@@ -211,6 +212,19 @@ def expand_model_paths(paths: list[str | Path]) -> list[Path]:
         else:
             expanded.append(path)
     return expanded
+
+
+def model_files(path: Path) -> list[Path]:
+    """The files a site model is read from (a bundle: its folder), which no output may replace."""
+    if path.is_dir():
+        return [path]
+    card = path if path.suffix.lower() == ".json" else path.with_suffix(".json")
+    files = [path, card]
+    try:
+        weights = json.loads(card.read_text(encoding="utf-8")).get("weights")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        weights = None  # loading the model reports what is wrong with its card
+    return files + ([card.parent / weights] if isinstance(weights, str) else [])
 
 
 def load_site_models(paths: list[str | Path], trust_code: bool = False) -> list[SiteModel]:

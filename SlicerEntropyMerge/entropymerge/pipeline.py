@@ -39,12 +39,12 @@ from .merging import (
 )
 from .metrics import evaluate
 from .modelcard import InferenceSettings
-from .models import SiteModel, check_compatible, expand_model_paths, load_site_models
+from .models import SiteModel, check_compatible, expand_model_paths, load_site_models, model_files
 from .outputs import OutputFolder, safe_file_stem
 from .preprocessing import ModelSpaceImage, labels_to_model_space, to_model_space
 from .progress import Progress
 from .ranking import LabelSource, Taps, find_taps, rank_models, scribble_labels, tapped_pass
-from .volume import Volume, read_label_map, read_volume
+from .volume import Volume, detached_data_files, read_label_map, read_volume
 
 METHODS = ("adaptive", "mean", "ensemble", "single", "select", "oracle")
 DEFAULT_TEMPERATURE = 0.05
@@ -320,6 +320,8 @@ def run(options: RunOptions, progress: Progress | None = None) -> dict:
     if options.out is None:
         raise UserInputError("an output folder (--out) is needed")
     output = OutputFolder(options.out, options.overwrite, input_paths(options), options.volume_format)
+    output.expect(*(f"{name}.{options.volume_format}" for name in ("segmentation", "entropy") if options.segment),
+                  *(["report.html"] if options.report else []))
     timings = Timings()
     runs_every_model = options.method in ("ensemble", "oracle") or options.per_model or (options.rank and options.reference)
     progress.plan([("load", 1), ("preprocess", 1), ("features", 2), ("probe", 2), ("merge", 1),
@@ -375,14 +377,17 @@ def run(options: RunOptions, progress: Progress | None = None) -> dict:
         summary = build_summary(options, case, plan, timings, progress, evaluation, per_model)
         summary["ranking"] = ranking.to_json() if ranking else None
         summary["adaptation"] = adaptation
-        outputs = output.commit(summary)
+        outputs = output.commit(summary, release=not options.report)
     except BaseException:
         output.abort()
         raise
     if options.report:  # after the commit: a report that fails never costs the run's results
         from .report import write_report
 
-        outputs["report"] = str(write_report(options.out, overwrite=True, progress=progress))
+        try:
+            outputs["report"] = str(write_report(options.out, overwrite=True, progress=progress))
+        finally:
+            output.release()
     progress.done(outputs)
     return dict(summary, outputs=outputs)
 
@@ -475,8 +480,10 @@ def write_segmentation(output: OutputFolder, model_name: str, segmentation: Segm
 
 
 def input_paths(options: RunOptions) -> tuple[Path, ...]:
-    paths = [Path(options.volume), *expand_model_paths(options.models)]
-    return tuple(paths + ([Path(options.reference)] if options.reference else []))
+    """Every file or folder the run reads (volume, label maps, model files), which no output may replace."""
+    paths = [Path(p) for p in (options.volume, options.reference, options.scribbles) if p]
+    paths += [data for path in paths if path.is_file() for data in detached_data_files(path)]
+    return tuple(paths + [file for model in expand_model_paths(options.models) for file in model_files(model)])
 
 
 def _named(models, values) -> dict[str, float] | None:
