@@ -238,7 +238,7 @@ def completed_summary(folder: Path, case: BatchCase) -> dict | None:
     if not path.exists():
         return None
     try:
-        summary = json.loads(path.read_text())
+        summary = json.loads(path.read_text(encoding="utf-8"))
         recorded = Path(summary["volume"]["path"])
         outputs = summary["outputs"]
     except (OSError, ValueError, KeyError, TypeError) as error:

@@ -320,8 +320,6 @@ def run(options: RunOptions, progress: Progress | None = None) -> dict:
     if options.out is None:
         raise UserInputError("an output folder (--out) is needed")
     output = OutputFolder(options.out, options.overwrite, input_paths(options), options.volume_format)
-    output.expect(*(f"{name}.{options.volume_format}" for name in ("segmentation", "entropy") if options.segment),
-                  *(["report.html"] if options.report else []))
     timings = Timings()
     runs_every_model = options.method in ("ensemble", "oracle") or options.per_model or (options.rank and options.reference)
     progress.plan([("load", 1), ("preprocess", 1), ("features", 2), ("probe", 2), ("merge", 1),
@@ -329,6 +327,8 @@ def run(options: RunOptions, progress: Progress | None = None) -> dict:
                    ("adapt", 3 if options.adapt != "none" else 0), ("inference", 6),
                    ("evaluate", 1 if options.reference else 0), ("rank", 2 if options.rank else 0), ("write", 1)])
     try:
+        output.expect(*(f"{name}.{options.volume_format}" for name in ("segmentation", "entropy") if options.segment),
+                      *(["report.html"] if options.report else []))
         case = load_case(options, progress, timings)
         models = case.models
         if options.rank and len(models) < 2:

@@ -86,7 +86,7 @@ def read_run_summary(run_dir: Path) -> dict:
     if not path.is_file():
         raise UserInputError(f"{run_dir} holds no finished run ({SUMMARY_NAME} is missing)")
     try:
-        summary = json.loads(path.read_text())
+        summary = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as error:
         raise UserInputError(f"{path} is not valid JSON: {error}") from None
     if "segmentation" not in summary.get("outputs", {}):
