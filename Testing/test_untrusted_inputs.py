@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -187,7 +188,7 @@ def test_a_second_run_into_a_locked_folder_exits_2_naming_the_first(tmp_path, vo
     finally:
         lock.release()
     assert result.returncode == 2
-    assert result.stderr.startswith(f"error: another entropymerge run (pid {__import__('os').getpid()} on ")
+    assert result.stderr.startswith(f"error: another entropymerge run (pid {os.getpid()} on ")
     assert f"is writing to {out}; wait for it to finish or choose another --out" in result.stderr
     assert sorted(p.name for p in out.iterdir()) == []
 
@@ -250,3 +251,48 @@ def test_a_killed_run_leaves_staging_that_the_next_run_removes(tmp_path, model_f
     assert rerun.returncode == 0, rerun.stderr  # the dead run's lock is taken over
     assert not list(out.glob(".entropymerge-*")), "the rerun removed the killed run's staging folder and its own lock"
     assert (out / "summary.json").is_file()
+
+
+# -- 11, 12. a C locale, and hostile names in the report --------------------------------------------
+
+HOSTILE_NAME = "<!--<script>α"
+
+
+def report_data_block(html: str) -> str:
+    start = html.index('<script type="application/json" id="report-data">') + len('<script type="application/json" id="report-data">')
+    return html[start: html.index("</script>", start)]
+
+
+def test_c_locale_run_with_report_and_hostile_names(tmp_path, volume, model_factory):
+    from entropymerge.modelcard import default_labels
+
+    labels = default_labels(["background", "βeta", "τau"])
+    first = model_factory("hostile", seed=1, labels=labels)  # file names stay ASCII: a C locale cannot name others
+    second = model_factory("other", seed=2, labels=labels, site="site τ")
+    card = json.loads(first.read_text(encoding="utf-8"))
+    first.write_text(json.dumps(dict(card, name=HOSTILE_NAME), ensure_ascii=False), encoding="utf-8")
+    out = tmp_path / "out"
+    environment = dict(os.environ, LC_ALL="C", LANG="C", PYTHONUTF8="0", PYTHONIOENCODING="")
+    result = subprocess.run([sys.executable, "-m", "entropymerge", "run", "--volume", str(volume), "--model", str(first),
+                             "--model", str(second), "--method", "mean", "--per-model", "--report", "--out", str(out),
+                             "--progress", "none"], capture_output=True, env=environment, timeout=900)
+    assert result.returncode == 0, result.stderr.decode("utf-8", "replace")
+    html = (out / "report.html").read_bytes().decode("utf-8")
+    block = report_data_block(html)
+    assert not any(marker in block for marker in ("<", ">", "&")), "the data block cannot end early or start a comment"
+    data = json.loads(block)
+    assert [layer["title"] for layer in data["layers"]][1:] == [HOSTILE_NAME, "other"]
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert [label["name"] for label in summary["labels"]] == ["background", "βeta", "τau"]
+
+
+def test_a_colour_edited_into_the_summary_is_refused(tmp_path, volume, model_factory):
+    out = tmp_path / "out"
+    assert run_cli("run", "--volume", volume, "--model", model_factory("a"), "--out", out, "--progress", "none").returncode == 0
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    summary["labels"][1]["color"] = "red;}</style><script>alert(1)</script>"
+    (out / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+    result = run_cli("report", out)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"error: {out / 'summary.json'}: the label {summary['labels'][1]!r} needs a colour written '#rrggbb'"]
+    assert not (out / "report.html").exists()

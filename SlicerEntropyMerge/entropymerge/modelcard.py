@@ -196,6 +196,11 @@ def is_model_card_file(path: Path) -> bool:
         return False
 
 
+def is_hex_color(value: Any) -> bool:
+    """True for a colour written ``#rrggbb`` (hexadecimal digits), the only form written into pages and scenes."""
+    return isinstance(value, str) and len(value) == 7 and value[0] == "#" and all(c in "0123456789abcdefABCDEF" for c in value[1:])
+
+
 def default_labels(names: list[str]) -> tuple[Label, ...]:
     return tuple(Label(i, name, DEFAULT_COLORS[(i - 1) % len(DEFAULT_COLORS)] if i else "#000000") for i, name in enumerate(names))
 
@@ -231,10 +236,7 @@ def _labels(raw, check: _Checker) -> tuple[Label, ...]:
         check.that(isinstance(item, dict) and isinstance(item.get("name"), str), key, "must be an object with a 'name'")
         check.that(item.get("value", index) == index, f"{key}.value", f"must be {index}: labels are the output channels in order")
         color = item.get("color") or (DEFAULT_COLORS[(index - 1) % len(DEFAULT_COLORS)] if index else "#000000")
-        check.that(
-            isinstance(color, str) and len(color) == 7 and color[0] == "#" and all(c in "0123456789abcdefABCDEF" for c in color[1:]),
-            f"{key}.color", f"must be '#rrggbb', got {color!r}",
-        )
+        check.that(is_hex_color(color), f"{key}.color", f"must be '#rrggbb', got {color!r}")
         labels.append(Label(index, item["name"], color.lower()))
     names = [label.name for label in labels]
     duplicates = sorted({n for n in names if names.count(n) > 1})
