@@ -296,3 +296,86 @@ def test_a_colour_edited_into_the_summary_is_refused(tmp_path, volume, model_fac
     assert result.returncode == 2
     assert result.stderr.splitlines() == [f"error: {out / 'summary.json'}: the label {summary['labels'][1]!r} needs a colour written '#rrggbb'"]
     assert not (out / "report.html").exists()
+
+
+# -- 6. resource bombs are refused before anything large is allocated -------------------------------
+
+def minimal_bundle(root: Path, network: dict | str = None, metadata: dict | None = None, extra: dict | None = None) -> Path:
+    """A bundle folder with an inference.json (``network_def`` plus ``extra`` entries), metadata.json and an empty model.pt."""
+    (root / "configs").mkdir(parents=True)
+    (root / "models").mkdir()
+    config = {"network_def": network or {"_target_": "UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 4,
+                                         "channels": [4, 8], "strides": [2]}, **(extra or {})}
+    (root / "configs" / "inference.json").write_text(json.dumps(config), encoding="utf-8")
+    (root / "configs" / "metadata.json").write_text(json.dumps(metadata or {}), encoding="utf-8")
+    (root / "models" / "model.pt").write_bytes(b"")
+    return root
+
+
+def test_doubling_references_are_refused_quickly(tmp_path):
+    levels = {f"level{i}": [f"@level{i + 1}", f"@level{i + 1}"] for i in range(40)}
+    levels["level40"] = 1
+    network = {"_target_": "UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 4, "channels": "@level0", "strides": [2]}
+    root = minimal_bundle(tmp_path / "bomb", network, extra=levels)
+    started = time.monotonic()
+    with pytest.raises(UserInputError, match="references expand to over 200,000 values; refused as a resource bomb"):
+        load_site_model(root)
+    assert time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_deep_nesting_is_refused(tmp_path, suffix):
+    root = minimal_bundle(tmp_path / "deep")
+    config = root / "configs" / "inference.json"
+    config.unlink()
+    (root / "configs" / f"inference{suffix}").write_text('{"network_def": ' + "[" * 100_000 + "]" * 100_000 + "}", encoding="utf-8")
+    with pytest.raises(UserInputError, match=r"is nested too deeply \(over 100 levels\)"):
+        load_site_model(root)
+
+
+@pytest.mark.parametrize("case, arguments", [
+    ("huge window", ["--roi-size", "1000000", "1000000", "1000000"]),
+    ("low limit", ["--memory-limit", "0.001"]),
+])
+def test_runs_too_large_for_memory_exit_2_with_the_numbers(tmp_path, volume, model_factory, case, arguments):
+    result = run_cli("run", "--volume", volume, "--model", model_factory("a"), "--out", tmp_path / "out", "--progress", "none",
+                     *arguments)
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.splitlines()) == 1
+    assert "error: this run would need about " in result.stderr and "raise it with --memory-limit GB" in result.stderr
+
+
+def test_a_500_mm_voxel_or_a_0_01_mm_model_spacing_is_refused(tmp_path, model_factory):
+    geometry = Geometry((20, 20, 20), (500.0, 500.0, 500.0), (0, 0, 0), IDENTITY)
+    huge_voxels = write_volume(np.zeros(geometry.shape, np.float32), geometry, tmp_path / "huge-voxels.nii.gz")
+    result = run_cli("run", "--volume", huge_voxels, "--model", model_factory("a"), "--out", tmp_path / "out", "--progress", "none")
+    assert result.returncode == 2 and "this run would need about" in result.stderr and "(this computer)" in result.stderr
+    fine = model_factory("fine", spacing=(0.01, 0.01, 0.01), folder=tmp_path / "fine")
+    geometry = Geometry((20, 20, 20), (2.0, 2.0, 2.0), (0, 0, 0), IDENTITY)
+    small = write_volume(np.zeros(geometry.shape, np.float32), geometry, tmp_path / "small.nii.gz")
+    result = run_cli("run", "--volume", small, "--model", fine, "--out", tmp_path / "out", "--progress", "none")
+    assert result.returncode == 2 and "model spacing 0.01x0.01x0.01 mm" in result.stderr
+
+
+def test_a_small_file_declaring_a_huge_volume_is_refused_from_its_header(tmp_path):
+    import nibabel
+
+    from entropymerge.volume import read_volume
+
+    header = nibabel.Nifti1Header()
+    header.set_data_shape((20000, 20000, 20000))
+    header.set_data_dtype(np.float32)
+    path = tmp_path / "bomb.nii"
+    with open(path, "wb") as stream:
+        header.write_to(stream)
+        stream.write(b"\0" * 64)
+    with pytest.raises(UserInputError, match=r"has 8,000,000,000,000 voxels .* this computer has"):
+        read_volume(path)
+
+
+def test_a_fifo_as_the_volume_exits_2_without_hanging(tmp_path, model_factory):
+    fifo = tmp_path / "volume.nii.gz"
+    os.mkfifo(fifo)
+    result = run_cli("run", "--volume", fifo, "--model", model_factory("a"), "--out", tmp_path / "out", "--progress", "none")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"error: volume {fifo} is not a regular file"]

@@ -48,29 +48,33 @@ def read_bundle(root: Path, trust_code: bool = False) -> tuple[ModelCard, Path, 
     if not isinstance(network, dict) or "_target_" not in network:
         raise UserInputError(f"{config_path}: '{network_id}' must be a '_target_' network definition")
 
-    inputs, outputs = _data_format(metadata)
-    channel_names = _channel_names(outputs, network)
-    input_channels = int(inputs.get("num_channels") or network.get("in_channels") or 1)
-    preprocessing = _preprocessing(resolver, notes)
     weights = next((root / "models" / name for name in WEIGHT_FILE_NAMES if (root / "models" / name).is_file()), None)
     if weights is None:
         raise UserInputError(f"bundle {root} has no weights: expected one of models/{{{','.join(WEIGHT_FILE_NAMES)}}}")
     inside_folder(weights, root, f"bundle {root}: weights")
+    try:
+        card = _card(root, metadata, resolver, network, weights, notes)
+    except (TypeError, ValueError, AttributeError) as error:  # a value of the wrong type or form in the bundle's files
+        raise UserInputError(f"bundle {root}: metadata.json or {config_path.name} holds a value of the wrong type ({error})") from None
+    # The same checks as a model card's, so that a bundle's metadata meets the same rules.
+    return ModelCard.from_json(card.to_json(), f"{root} (bundle)"), weights, notes
 
-    card = ModelCard(
+
+def _card(root: Path, metadata: dict, resolver: ConfigResolver, network: dict, weights: Path, notes: list[str]) -> ModelCard:
+    inputs, outputs = _data_format(metadata)
+    return ModelCard(
         name=str(metadata.get("name") or root.name),
         site=None,
         description=str(metadata.get("description") or ""),
-        labels=default_labels(channel_names),
-        input_channels=input_channels,
-        preprocessing=preprocessing,
+        labels=default_labels(_channel_names(outputs, network)),
+        input_channels=int(inputs.get("num_channels") or network.get("in_channels") or 1),
+        preprocessing=_preprocessing(resolver, notes),
         inference=_inference(resolver, inputs, notes),
         network=network,
         weights=str(weights.relative_to(root)),
         features=None,
         training={"source": "MONAI bundle", "version": metadata.get("version")},
     )
-    return card, weights, notes
 
 
 def _data_format(metadata: dict) -> tuple[dict, dict]:

@@ -36,6 +36,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="entropymerge", description="Per-volume entropy-adaptive merging of site segmentation models.")
     parser.add_argument("--version", action="version", version=f"entropymerge {__version__}")
@@ -164,6 +174,8 @@ def add_common_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-bundle-code", dest="trust_code", action="store_true",
                         help="allow Python expressions in bundle configs and TorchScript models (only for files you trust)")
     parser.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out")
+    parser.add_argument("--memory-limit", dest="memory_limit_gb", type=positive_float, metavar="GB",
+                        help="refuse runs estimated to need more memory (default: this computer's memory)")
     parser.add_argument("--progress", default="auto", choices=("auto", "bar", "json", "none"),
                         help="progress display; json prints one JSON object per line (for the Slicer module)")
 

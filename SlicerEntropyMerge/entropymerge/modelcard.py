@@ -158,6 +158,8 @@ class ModelCard:
                 check.that(network["out_channels"] == len(labels), "network.out_channels", f"must equal the number of labels ({len(labels)})")
         weights = data.get("weights")
         check.that(weights is None or isinstance(weights, str), "weights", "must be a file name")
+        for key in ("site", "description"):
+            check.that(data.get(key) is None or isinstance(data[key], str), key, f"must be text, got {data.get(key)!r}")
         head = data.get("head")
         names_ok = isinstance(head, list) and all(isinstance(h, str) for h in head) and head
         check.that(head is None or names_ok, "head", "must be a non-empty list of module names")

@@ -281,6 +281,28 @@ def describe_models(paths: list[str | Path], trust_code: bool = False) -> list[d
     return entries
 
 
+def check_runs(model: SiteModel, window: tuple[int, int, int], what: str = "sliding window") -> None:
+    """One forward pass of zeros, (1, C_in, *window), through ``model`` before any real work.
+
+    Its card's input channels must fit the network, the window must suit the network's strides,
+    and the output must be a segmentation on the window: (1, number of labels, *window).
+    """
+    card, size = model.card, "x".join(map(str, window))
+    where = f"site model '{model.name}' ({model.source})"
+    try:
+        with torch.no_grad():
+            output = model.network.eval()(torch.zeros(1, card.input_channels, *window))
+    except Exception as error:  # whatever the network raises, the cause is the card, the window or the network spec
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UserInputError(f"{where} cannot run on a {what} of {size} voxels with {card.input_channels} input channel(s): "
+                             f"{reason} (check the card's input_channels and network, and the window size)") from None
+    expected = (1, card.num_classes, *window)
+    shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+    if shape != expected:
+        raise UserInputError(f"{where} gives {shape} for a {what} of {size} voxels; a segmentation network with one output "
+                             f"channel per label ({card.num_classes}: {', '.join(l.name for l in card.labels)}) gives {expected}")
+
+
 def check_compatible(models: list[SiteModel]) -> None:
     """Raise ``UserInputError`` naming the first difference that stops these models being merged."""
     first = models[0]

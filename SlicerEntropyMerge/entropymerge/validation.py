@@ -7,6 +7,7 @@ turn every problem into a ``UserInputError`` with one readable line.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import stat
 import sys
@@ -82,6 +83,14 @@ def _refuse_network(event: str, arguments) -> None:
     what = getattr(_guard, "what", None)
     if what is not None and event in NETWORK_AUDIT_EVENTS:
         raise UserInputError(f"{what} tried to reach the network ({event}); site models are loaded offline")
+
+
+def physical_memory_bytes() -> float:
+    """This computer's memory in bytes (64 GiB where the system does not say)."""
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return 64.0 * 2**30
 
 
 def one_line(message: str, limit: int = 2000) -> str:

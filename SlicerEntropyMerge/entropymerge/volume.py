@@ -18,7 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import UserInputError
-from .validation import inside_folder, regular_file
+from .validation import inside_folder, physical_memory_bytes, regular_file
 
 FILE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 # A volume file whose name ends so (before the suffix) is a label map beside the images of a case
@@ -131,17 +131,20 @@ def read_volume(path: str | os.PathLike, what: str = "volume") -> Volume:
         )
     regular_file(path, what)
     detached_data_files(path, what)
-    if path.name.lower().endswith((".nii", ".nii.gz")):
+    nifti = path.name.lower().endswith((".nii", ".nii.gz"))
+    header = sitk.ImageFileReader()
+    header.SetFileName(str(path))
+    try:
+        header.ReadImageInformation()
+    except RuntimeError as error:
+        raise UserInputError(
+            f"could not read {what} {path}: corrupt, truncated or {'not a NIfTI file' if nifti else 'of another format'} "
+            f"({_itk_reason(error)})"
+        ) from None
+    _check_header(header, path, what)
+    if nifti:
         # Geometry from ITK (as our writer uses it); voxels from nibabel, which refuses truncated files
         # and keeps NaN, where ITK's NIfTI reader zero-fills both silently.
-        header = sitk.ImageFileReader()
-        header.SetFileName(str(path))
-        try:
-            header.ReadImageInformation()
-        except RuntimeError as error:
-            raise UserInputError(
-                f"could not read {what} {path}: corrupt, truncated or not a NIfTI file ({_itk_reason(error)})"
-            ) from None
         return _validated_volume(_read_nifti_voxels(path, what), header, path, what)
     try:
         image = sitk.ReadImage(str(path))
@@ -150,6 +153,19 @@ def read_volume(path: str | os.PathLike, what: str = "volume") -> Volume:
             f"could not read {what} {path} (corrupt, truncated or of another format): {_itk_reason(error)}"
         ) from None
     return _validated_volume(sitk.GetArrayFromImage(image).transpose(2, 1, 0), image, path, what)
+
+
+def _check_header(header: sitk.ImageFileReader, path: Path, what: str) -> None:
+    """Before any voxel is read: one component per voxel, and voxel data that fits in this computer's memory."""
+    components = header.GetNumberOfComponents()
+    if components != 1:
+        raise UserInputError(f"{what} {path} has {components} components per voxel; a scalar volume is needed")
+    voxels = float(np.prod([float(n) for n in header.GetSize()]))
+    needed = voxels * 8  # read, then converted to float
+    available = physical_memory_bytes()
+    if needed > available:
+        raise UserInputError(f"{what} {path} has {voxels:,.0f} voxels (size {header.GetSize()}), about {needed / 2**30:,.1f} GiB "
+                             f"in memory; this computer has {available / 2**30:,.1f} GiB")
 
 
 def detached_data_files(path: Path, what: str = "volume") -> list[Path]:
@@ -230,6 +246,9 @@ def _validated_volume(array: np.ndarray, image, path: Path, what: str) -> Volume
         raise UserInputError(f"{what} {path} has voxel data of shape {array.shape} but a header of size {size}")
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         raise UserInputError(f"{what} {path} contains NaN or infinite voxel values")
+    largest = float(np.abs(array).max()) if array.size and array.dtype.kind in "fiu" else 0.0
+    if largest > np.finfo(np.float32).max:  # models compute in float32: these would become infinite
+        raise UserInputError(f"{what} {path} holds values up to {largest:.3g}, beyond the float32 range (a wrong scaling in the header?)")
     geometry = Geometry(
         shape=size,
         spacing=tuple(float(s) for s in spacing),
