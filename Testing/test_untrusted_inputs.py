@@ -379,3 +379,164 @@ def test_a_fifo_as_the_volume_exits_2_without_hanging(tmp_path, model_factory):
     result = run_cli("run", "--volume", fifo, "--model", model_factory("a"), "--out", tmp_path / "out", "--progress", "none")
     assert result.returncode == 2
     assert result.stderr.splitlines() == [f"error: volume {fifo} is not a regular file"]
+
+
+# -- 7, 8. every bad input exits 2 with one line; nothing wrong is silently accepted -------------------
+
+def one_line_error(result) -> str:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+UNET_4 = {"_target_": "UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 4, "channels": [4, 8], "strides": [2]}
+
+
+@pytest.mark.parametrize("metadata, extra, message", [
+    ({"network_data_format": {"inputs": {"image": {"num_channels": "abc"}}}}, {}, "holds a value of the wrong type"),
+    ({"network_data_format": ["not", "a", "mapping"]}, {}, "holds a value of the wrong type"),
+    ({}, {"inferer": {"_target_": "SlidingWindowInferer", "roi_size": "abc"}}, "holds a value of the wrong type"),
+    ({}, {"inferer": {"_target_": "SlidingWindowInferer", "roi_size": [0, -5, 8]}}, "'inference.roi_size' must be three positive integers"),
+    ({"network_data_format": {"outputs": {"pred": {"format": "segmentation", "num_channels": 5}}}}, {},
+     "'network.out_channels' must equal the number of labels \\(5\\)"),
+    ({"network_data_format": {"inputs": {"image": {"num_channels": 2}}}}, {}, "'network.in_channels' must equal input_channels \\(2\\)"),
+])
+def test_bad_bundle_metadata_exits_2_in_one_line(tmp_path, metadata, extra, message):
+    root = minimal_bundle(tmp_path / "bundle", UNET_4, metadata, extra)
+    with pytest.raises(UserInputError, match=message):
+        load_site_model(root)
+
+
+def test_models_lists_a_bad_bundle_as_not_usable_and_exits_2(tmp_path):
+    root = minimal_bundle(tmp_path / "bundle", UNET_4, {"network_data_format": ["not", "a", "mapping"]})
+    result = run_cli("models", root)
+    assert result.returncode == 2 and result.stderr == ""
+    assert "NOT USABLE: bundle " in result.stdout and "holds a value of the wrong type" in result.stdout
+
+
+def test_a_window_the_network_cannot_take_exits_2_before_the_probe(tmp_path, volume, model_factory):
+    result = run_cli("run", "--volume", volume, "--model", model_factory("a"), "--roi-size", "33", "33", "33",
+                     "--out", tmp_path / "out", "--progress", "json")
+    line = one_line_error(result)
+    assert "cannot run on a sliding window of 33x33x33 voxels with 1 input channel(s)" in line
+    stages = [json.loads(record)["stage"] for record in result.stdout.splitlines() if '"progress"' in record]
+    assert "probe" not in stages and "preprocess" not in stages, "refused while loading"
+
+
+def test_a_classification_network_is_refused(tmp_path):
+    from entropymerge.models import save_site_model
+    from entropymerge.safeconfig import build_network
+
+    network = {"_target_": "Classifier", "in_shape": [1, 32, 32, 32], "classes": 3, "channels": [2], "strides": [2]}
+    card = make_card("classifier", network=network)
+    path = save_site_model(build_network(network, "test"), card, tmp_path)
+    from entropymerge.models import check_runs
+
+    with pytest.raises(UserInputError, match=r"gives \(1, 3\) for a sliding window of 32x32x32 voxels; a segmentation network"):
+        check_runs(load_site_model(path), (32, 32, 32))
+
+
+def test_intensity_arguments_of_the_wrong_type_exit_2(tmp_path, volume, model_factory):
+    step = {"_target_": "ScaleIntensityRange", "a_min": "abc", "a_max": 1, "b_min": 0, "b_max": 1}
+    card = model_factory("a")
+    data = json.loads(card.read_text(encoding="utf-8"))
+    data["preprocessing"]["intensity"] = [step]
+    card.write_text(json.dumps(data), encoding="utf-8")
+    line = one_line_error(run_cli("run", "--volume", volume, "--model", card, "--out", tmp_path / "out", "--progress", "none"))
+    assert "preprocessing.intensity[0] (ScaleIntensityRange) cannot be applied" in line
+
+
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "complex64"])
+def test_weights_of_unsupported_types_are_refused(tmp_path, model_factory, dtype):
+    import torch
+
+    model = load_site_model(model_factory("a"))
+    state = {key: value.to(getattr(torch, dtype)) if value.is_floating_point() else value for key, value in model.state_dict().items()}
+    if dtype == "complex64":
+        first = next(iter(state))
+        state[first] = state[first] * float("nan")
+    torch.save(state, tmp_path / "odd.pt")
+    (tmp_path / "odd.json").write_text(model.source.read_text(encoding="utf-8"), encoding="utf-8")
+    with pytest.raises(UserInputError, match=f"has the unsupported type {dtype}"):
+        load_site_model(tmp_path / "odd.pt")
+
+
+def test_a_one_byte_weights_file_is_refused(tmp_path, model_factory):
+    card = model_factory("a")
+    (tmp_path / "tiny.pt").write_bytes(b"\x80")
+    (tmp_path / "tiny.json").write_text(card.read_text(encoding="utf-8"), encoding="utf-8")
+    with pytest.raises(UserInputError, match="could not read weights .*tiny.pt: not a PyTorch weights file"):
+        load_site_model(tmp_path / "tiny.pt")
+
+
+def test_scl_slope_beyond_float32_and_rgb_volumes_exit_2(tmp_path):
+    import nibabel
+    import SimpleITK as sitk
+
+    from entropymerge.volume import read_volume
+
+    image = nibabel.Nifti1Image(np.full((4, 4, 4), 10, np.int16), np.eye(4))
+    image.header.set_slope_inter(1e38, 0)
+    nibabel.save(image, tmp_path / "scaled.nii.gz")
+    with pytest.raises(UserInputError, match="beyond the float32 range"):
+        read_volume(tmp_path / "scaled.nii.gz")
+    rgb = sitk.Image([4, 4, 4], sitk.sitkVectorUInt8, 3)
+    sitk.WriteImage(rgb, str(tmp_path / "rgb.nrrd"))
+    with pytest.raises(UserInputError, match="has 3 components per voxel; a scalar volume is needed"):
+        read_volume(tmp_path / "rgb.nrrd")
+
+
+def test_models_with_a_site_that_is_not_text(tmp_path, model_factory):
+    card = model_factory("a")
+    data = json.loads(card.read_text(encoding="utf-8"))
+    card.write_text(json.dumps(dict(data, site={"city": "x"})), encoding="utf-8")
+    result = run_cli("models", card)
+    assert result.returncode == 2 and "field 'site' must be text, got {'city': 'x'}" in result.stdout
+
+
+@pytest.mark.parametrize("weights", ["link", "../outside.safetensors", "absolute"])
+def test_weights_outside_the_models_folder_are_refused(tmp_path, model_factory, weights):
+    card = model_factory("a", folder=tmp_path / "models")
+    outside = tmp_path / "outside.safetensors"
+    (tmp_path / "models" / "a.safetensors").rename(outside)
+    data = json.loads(card.read_text(encoding="utf-8"))
+    if weights == "link":
+        (tmp_path / "models" / "a.safetensors").symlink_to(outside)
+        data["weights"] = "a.safetensors"
+    else:
+        data["weights"] = str(outside) if weights == "absolute" else weights
+    card.write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(UserInputError, match="weights .* lies outside .*models; a model's files must be inside its own folder"):
+        load_site_model(card)
+
+
+def test_a_detached_header_may_not_read_a_file_elsewhere(tmp_path):
+    from entropymerge.volume import read_volume
+
+    secret = tmp_path / "secret.raw"
+    secret.write_bytes(bytes(range(256)) * 4)
+    folder = tmp_path / "volumes"
+    folder.mkdir()
+    header = "NRRD0004\ntype: uint8\ndimension: 3\nsizes: 8 8 16\nencoding: raw\ndata file: ../secret.raw\n\n"
+    (folder / "scan.nhdr").write_text(header, encoding="utf-8")
+    with pytest.raises(UserInputError, match="data file .*secret.raw lies outside"):
+        read_volume(folder / "scan.nhdr")
+
+
+# -- 9. early and quiet failures ---------------------------------------------------------------------
+
+def test_bad_scribbles_are_refused_before_the_probe(tmp_path, volume, model_factory):
+    geometry = Geometry((10, 10, 10), (4.0, 4.0, 4.0), (0, 0, 0), IDENTITY)
+    scribbles = write_volume(np.zeros(geometry.shape, np.uint8), geometry, tmp_path / "scribbles.nii.gz")
+    result = run_cli("rank", "--volume", volume, "--model", model_factory("a", seed=1), "--model", model_factory("b", seed=2),
+                     "--scribbles", scribbles, "--out", tmp_path / "out", "--progress", "json")
+    assert "is not on the target volume's grid" in one_line_error(result)
+    stages = [json.loads(record)["stage"] for record in result.stdout.splitlines() if '"progress"' in record]
+    assert stages and set(stages) == {"load"}
+
+
+def test_names_with_line_breaks_and_control_characters_print_on_one_line(tmp_path, volume):
+    odd = tmp_path / "line\nbreak\x1b[31m.nii.gz"
+    line = one_line_error(run_cli("run", "--volume", odd, "--model", tmp_path / "m.json", "--out", tmp_path / "out"))
+    assert line == f"error: volume not found: {tmp_path}/line break\\x1b[31m.nii.gz"

@@ -247,7 +247,7 @@ def _validated_volume(array: np.ndarray, image, path: Path, what: str) -> Volume
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         raise UserInputError(f"{what} {path} contains NaN or infinite voxel values")
     largest = float(np.abs(array).max()) if array.size and array.dtype.kind in "fiu" else 0.0
-    if largest > np.finfo(np.float32).max:  # models compute in float32: these would become infinite
+    if largest > float(np.finfo(np.float32).max):  # models compute in float32: these would become infinite
         raise UserInputError(f"{what} {path} holds values up to {largest:.3g}, beyond the float32 range (a wrong scaling in the header?)")
     geometry = Geometry(
         shape=size,
