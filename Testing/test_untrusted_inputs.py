@@ -540,3 +540,20 @@ def test_names_with_line_breaks_and_control_characters_print_on_one_line(tmp_pat
     odd = tmp_path / "line\nbreak\x1b[31m.nii.gz"
     line = one_line_error(run_cli("run", "--volume", odd, "--model", tmp_path / "m.json", "--out", tmp_path / "out"))
     assert line == f"error: volume not found: {tmp_path}/line break\\x1b[31m.nii.gz"
+
+
+# -- 10. a full disk ---------------------------------------------------------------------------------
+
+def test_a_full_disk_is_noticed_when_the_volume_is_written(tmp_path, volume, model_factory):
+    import resource
+
+    def small_disk():  # files beyond 4 kB fail to grow, as on a full disk (EFBIG instead of a signal)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "entropymerge", "run", "--volume", str(volume), "--model", str(model_factory("a")),
+                             "--out", str(out), "--progress", "none"], capture_output=True, text=True, timeout=900, preexec_fn=small_disk)
+    line = one_line_error(result)
+    assert line.startswith(f"error: cannot write {out / 'entropy.nii.gz'}: "), line
+    assert list(out.iterdir()) == [], "nothing committed, nothing left"

@@ -8,8 +8,10 @@ TorchScript files are programs and load only when the user trusts them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pickle
+import sys
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -133,8 +135,9 @@ def load_site_model(path: str | Path, trust_code: bool = False) -> SiteModel:
     """Load one site model from a card, a weights or TorchScript file with its card, or a bundle.
 
     Nothing it does reaches the network (``no_network``), and a model's files must lie in its folder.
+    What libraries print meanwhile goes to stderr: stdout carries JSON (``--progress json``, ``models --json``).
     """
-    with no_network(f"site model {path}"):
+    with no_network(f"site model {path}"), contextlib.redirect_stdout(sys.stderr):
         return _load_site_model(Path(path), trust_code)
 
 
