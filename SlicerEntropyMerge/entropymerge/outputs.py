@@ -165,11 +165,13 @@ class FolderLock:
     The lock is the OS's (``flock``; ``msvcrt.locking`` on Windows) on ``folder/.entropymerge-lock``,
     so the lock of a killed process is free at once and the next run takes it over. Taking it
     removes staging folders of killed runs. A held lock raises ``UserInputError`` naming its process.
+    Releasing it removes ``folder`` again when the lock made it and it is still empty.
     """
 
     def __init__(self, folder: Path):
         self.path = folder / LOCK_NAME
         self._descriptor: int | None = None
+        self._made_folder = not folder.exists()
         try:
             folder.mkdir(parents=True, exist_ok=True)
             self._acquire()
@@ -207,6 +209,9 @@ class FolderLock:
             self.path.unlink(missing_ok=True)  # removed while still locked, so nobody locks a file about to vanish
         os.close(self._descriptor)  # closing frees the OS lock
         self._descriptor = None
+        if self._made_folder:
+            with contextlib.suppress(OSError):  # not empty: it holds results
+                self.path.parent.rmdir()
 
 
 def _try_lock(descriptor: int) -> bool:
