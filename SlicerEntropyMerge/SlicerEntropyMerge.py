@@ -601,7 +601,7 @@ class SlicerEntropyMergeTest(ScriptedLoadableModuleTest):
         self.assertTrue(job.succeeded, job.process.error)
         results = logic.finishRun(job)
 
-        card = json.loads(next(Path(models[0]).glob("*.json")).read_text())
+        card = json.loads(next(Path(models[0]).glob("*.json")).read_text(encoding="utf-8"))
         contents = results.segmentation.GetSegmentation()
         names = [contents.GetNthSegment(i).GetName() for i in range(contents.GetNumberOfSegments())]
         self.assertEqual(names, [label["name"] for label in card["labels"][1:]])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import locale
 import os
 import subprocess
 import sys
@@ -27,6 +28,14 @@ def shared_file(relative: str) -> Path:
     if not path.exists():
         pytest.skip(f"real test data not available: {path} (see ../shared/data/README.md)")
     return path
+
+
+@pytest.fixture(autouse=True)
+def locale_unchanged():
+    """No test may change the process's locale: later tests would read and write text in another encoding."""
+    before = locale.setlocale(locale.LC_ALL)
+    yield
+    assert locale.setlocale(locale.LC_ALL) == before, "this test changed the process's locale"
 
 
 def tiny_unet_spec(in_channels: int = 1, classes: int = 3) -> dict:

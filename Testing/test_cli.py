@@ -165,16 +165,16 @@ def test_failure_while_writing_leaves_no_partial_outputs(tmp_path, monkeypatch, 
     real_write = outputs.write_volume
     calls = []
 
-    def failing_write(array, geometry, path):
+    def failing_write(array, geometry, path, verify=False):
         calls.append(path)
         if len(calls) == 2:
             raise OSError("disk full")
-        return real_write(array, geometry, path)
+        return real_write(array, geometry, path, verify)
 
     monkeypatch.setattr(outputs, "write_volume", failing_write)
     code = main(["run", "--volume", str(small_volume), "--model", str(model_factory("a")), "--out", str(tmp_path / "out"), "--progress", "none"])
-    assert code == 1 and "disk full" in capsys.readouterr().err
-    assert list((tmp_path / "out").iterdir()) == []
+    assert code == 2 and capsys.readouterr().err.startswith(f"error: cannot write {tmp_path / 'out' / 'entropy.nii.gz'}: disk full")
+    assert not (tmp_path / "out").exists(), "a failed run leaves no trace, not even the folder it made"
 
 
 def test_subprocess_exit_code_and_single_line_error(tmp_path, model_factory):

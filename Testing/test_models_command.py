@@ -10,7 +10,7 @@ def test_models_json_lists_each_model_and_marks_the_incompatible_one(tmp_path, m
     second = model_factory("beta", seed=2)
     four_classes = model_factory("gamma", seed=3, classes=4)
     result = run_cli("models", "--json", first, second, four_classes, tmp_path / "missing.json")
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 2, "a model the list marks unusable makes the exit code non-zero"
     report = json.loads(result.stdout)
     assert report["auto_device"] == "cpu"
     entries = {entry["name"]: entry for entry in report["models"]}
@@ -38,3 +38,18 @@ def test_models_without_paths_reports_the_device_only():
     result = run_cli("models", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {"models": [], "auto_device": "cpu"}
+
+
+def test_models_exit_code_is_2_for_an_unusable_model_and_0_when_all_fit(tmp_path, model_factory):
+    good = model_factory("alpha", seed=1)
+    assert run_cli("models", good).returncode == 0
+    result = run_cli("models", good, tmp_path / "empty-folder-does-not-exist")
+    assert result.returncode == 2
+    assert "NOT USABLE: model not found" in result.stdout
+
+
+def test_bare_command_prints_a_usage_line():
+    result = run_cli()
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [result.stderr.strip()]
+    assert "the following arguments are required: command (usage: entropymerge [-h] [--version] {run," in result.stderr

@@ -131,7 +131,7 @@ def test_models_process_reports_models_and_device(model_factory):
     process = models_process([str(model_factory("a", seed=1)), str(model_factory("b", seed=2, classes=4))])
     process.start()
     events = poll_until(process, lambda _: process.finished, timeout=300)
-    assert process.state == SUCCEEDED
+    assert process.returncode == 2, "a model is unusable: exit code 2, and the report on stdout says which"
     report = ModelReport.from_text([e.message for e in events if e.kind == "text"])
     assert [entry["name"] for entry in report.models] == ["a", "b"]
     assert not report.compatible and report.models[1]["problem"].startswith("cannot be used with 'a'")

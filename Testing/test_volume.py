@@ -1,6 +1,7 @@
 """Volumes keep their exact geometry through reading and writing, in every format; bad files are refused clearly."""
 
 import gzip
+import locale
 
 import nibabel
 import numpy as np
@@ -73,6 +74,7 @@ def test_dicom_series_folder(tmp_path):
     image.SetOrigin(geometry.origin)
     folder = tmp_path / "series"
     folder.mkdir()
+    locale_before = locale.setlocale(locale.LC_ALL)  # GDCM's DICOM writer sets the process's locale to "C"
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     for k in range(geometry.shape[2]):
@@ -90,6 +92,7 @@ def test_dicom_series_folder(tmp_path):
             slice_image.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
         writer.Execute(slice_image)
+    locale.setlocale(locale.LC_ALL, locale_before)
     volume = read_volume(folder)
     assert volume.geometry.matches(geometry, tolerance_mm=1e-3)
     np.testing.assert_array_equal(volume.array, array)

@@ -44,14 +44,14 @@ def has_reusable_results(case: Path, options: list[str]) -> bool:
     if not (folder / SUMMARY_NAME).is_file() or not request.is_file():
         return False
     try:
-        return json.loads(request.read_text()) == options
+        return json.loads(request.read_text(encoding="utf-8")) == options
     except ValueError:
         return False
 
 
 def remember_options(case: Path, options: list[str]) -> None:
     """Record the options of the complete run now in the case's results folder."""
-    (results_folder(case) / REQUEST_NAME).write_text(json.dumps(options) + "\n")
+    (results_folder(case) / REQUEST_NAME).write_text(json.dumps(options) + "\n", encoding="utf-8")
 
 
 def discard_results(case: Path) -> None:

@@ -150,6 +150,6 @@ def read_summary(folder: str | Path) -> dict:
     from entropymerge.outputs import SUMMARY_NAME
 
     folder = Path(folder)
-    summary = json.loads((folder / SUMMARY_NAME).read_text())
+    summary = json.loads((folder / SUMMARY_NAME).read_text(encoding="utf-8"))
     summary["outputs"] = {key: str(folder / name) for key, name in summary["outputs"].items()}
     return summary

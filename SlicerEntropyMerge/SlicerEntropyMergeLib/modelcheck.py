@@ -71,7 +71,8 @@ class ModelCheck:
             return None
         process, self.process = self.process, None
         apply, self.apply_when_done = self.apply_when_done, False
-        if process.state != SUCCEEDED:
+        # exit code 2 with a report on stdout: some models are unusable, and the report says which
+        if process.state != SUCCEEDED and not (process.returncode == 2 and self.lines):
             return CheckOutcome(None, process.error, False)
         try:
             self.report = ModelReport.from_text(self.lines)

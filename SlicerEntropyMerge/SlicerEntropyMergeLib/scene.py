@@ -333,7 +333,7 @@ def dice_rows(summary: dict) -> tuple[list[str], list[dict]] | None:
 
 def csv_rows(path: str) -> tuple[list[str], list[dict]]:
     """Columns and rows of a CSV file the engine wrote (e.g. ``ranking.csv``)."""
-    with open(path, newline="") as stream:
+    with open(path, newline="", encoding="utf-8") as stream:
         reader = csv.DictReader(stream)
         return list(reader.fieldnames or []), list(reader)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .errors import UserInputError
 from .models import check_compatible, load_site_models
-from .outputs import SUMMARY_NAME, safe_file_stem, write_text_atomically
+from .outputs import SUMMARY_NAME, clean_after_killed_runs, safe_file_stem, write_text_atomically
 from .pipeline import RunOptions, run, validate_options
 from .progress import Progress
 from .report import REPORT_NAME, write_report
@@ -211,6 +211,7 @@ def run_case(case: BatchCase, options: RunOptions, out: Path, threads: int = 1) 
 
     quiet_libraries()  # workers are fresh processes: keep library chatter out of the batch's output, as the CLI does
     folder = out / case.name
+    clean_after_killed_runs(folder)
     try:
         summary = None if options.overwrite else completed_summary(folder, case)
         status = "resumed" if summary else "completed"
@@ -237,7 +238,7 @@ def completed_summary(folder: Path, case: BatchCase) -> dict | None:
     if not path.exists():
         return None
     try:
-        summary = json.loads(path.read_text())
+        summary = json.loads(path.read_text(encoding="utf-8"))
         recorded = Path(summary["volume"]["path"])
         outputs = summary["outputs"]
     except (OSError, ValueError, KeyError, TypeError) as error:

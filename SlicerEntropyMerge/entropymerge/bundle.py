@@ -4,14 +4,12 @@ into a model card, without running any of its code unless the user trusts it."""
 from __future__ import annotations
 
 import inspect
-import json
 from pathlib import Path
-
-import yaml
 
 from .errors import UserInputError
 from .modelcard import InferenceSettings, ModelCard, Preprocessing, default_labels
 from .safeconfig import DICT_ONLY_ARGUMENTS, INTENSITY_TRANSFORMS, LOADING_TRANSFORMS, SPATIAL_TRANSFORMS, ConfigResolver, array_transform_name
+from .validation import inside_folder, read_config
 
 INFERENCE_CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
 WEIGHT_FILE_NAMES = ("model.safetensors", "model.pt", "model.pth", "model.ts")
@@ -24,11 +22,7 @@ def is_bundle(path: Path) -> bool:
 
 def read_config_file(path: Path) -> dict:
     """Parse a JSON or YAML config with a safe loader (no Python object tags)."""
-    try:
-        text = path.read_text()
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as error:
-        raise UserInputError(f"could not parse bundle config {path}: {error}") from None
+    data = read_config(path, "bundle config")
     if not isinstance(data, dict):
         raise UserInputError(f"bundle config {path} must be a mapping at the top level")
     return data
@@ -41,6 +35,8 @@ def read_bundle(root: Path, trust_code: bool = False) -> tuple[ModelCard, Path, 
     if config_path is None:
         raise UserInputError(f"bundle {root} has no configs/inference.json or configs/inference.yaml")
     metadata_path = configs / "metadata.json"
+    for path in (config_path, metadata_path):
+        inside_folder(path, root, f"bundle {root}: config")
     metadata = read_config_file(metadata_path) if metadata_path.is_file() else {}
     resolver = ConfigResolver(read_config_file(config_path), config_path, trust_code, {"bundle_root": str(root)})
     notes: list[str] = []
@@ -52,28 +48,33 @@ def read_bundle(root: Path, trust_code: bool = False) -> tuple[ModelCard, Path, 
     if not isinstance(network, dict) or "_target_" not in network:
         raise UserInputError(f"{config_path}: '{network_id}' must be a '_target_' network definition")
 
-    inputs, outputs = _data_format(metadata)
-    channel_names = _channel_names(outputs, network)
-    input_channels = int(inputs.get("num_channels") or network.get("in_channels") or 1)
-    preprocessing = _preprocessing(resolver, notes)
     weights = next((root / "models" / name for name in WEIGHT_FILE_NAMES if (root / "models" / name).is_file()), None)
     if weights is None:
         raise UserInputError(f"bundle {root} has no weights: expected one of models/{{{','.join(WEIGHT_FILE_NAMES)}}}")
+    inside_folder(weights, root, f"bundle {root}: weights")
+    try:
+        card = _card(root, metadata, resolver, network, weights, notes)
+    except (TypeError, ValueError, AttributeError) as error:  # a value of the wrong type or form in the bundle's files
+        raise UserInputError(f"bundle {root}: metadata.json or {config_path.name} holds a value of the wrong type ({error})") from None
+    # The same checks as a model card's, so that a bundle's metadata meets the same rules.
+    return ModelCard.from_json(card.to_json(), f"{root} (bundle)"), weights, notes
 
-    card = ModelCard(
+
+def _card(root: Path, metadata: dict, resolver: ConfigResolver, network: dict, weights: Path, notes: list[str]) -> ModelCard:
+    inputs, outputs = _data_format(metadata)
+    return ModelCard(
         name=str(metadata.get("name") or root.name),
         site=None,
         description=str(metadata.get("description") or ""),
-        labels=default_labels(channel_names),
-        input_channels=input_channels,
-        preprocessing=preprocessing,
+        labels=default_labels(_channel_names(outputs, network)),
+        input_channels=int(inputs.get("num_channels") or network.get("in_channels") or 1),
+        preprocessing=_preprocessing(resolver, notes),
         inference=_inference(resolver, inputs, notes),
         network=network,
         weights=str(weights.relative_to(root)),
         features=None,
         training={"source": "MONAI bundle", "version": metadata.get("version")},
     )
-    return card, weights, notes
 
 
 def _data_format(metadata: dict) -> tuple[dict, dict]:

@@ -7,8 +7,11 @@ Exit codes: 0 success, 2 bad input (one message, no traceback), 1 internal error
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
+import threading
 import traceback
 import warnings
 from pathlib import Path
@@ -17,17 +20,29 @@ from . import __version__
 from .errors import Cancelled, ExitCode, UserInputError
 from .outputs import VOLUME_FORMATS
 from .progress import Progress, make_progress
+from .validation import one_line
 
 
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
-        raise UserInputError(f"{self.prog}: {message}")
+        usage = " ".join(self.format_usage().split())  # "usage: entropymerge [-h] ... {run,...} ..."
+        raise UserInputError(f"{self.prog}: {message} ({usage})")
 
 
 def positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
 
 
@@ -159,6 +174,8 @@ def add_common_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-bundle-code", dest="trust_code", action="store_true",
                         help="allow Python expressions in bundle configs and TorchScript models (only for files you trust)")
     parser.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out")
+    parser.add_argument("--memory-limit", dest="memory_limit_gb", type=positive_float, metavar="GB",
+                        help="refuse runs estimated to need more memory (default: this computer's memory)")
     parser.add_argument("--progress", default="auto", choices=("auto", "bar", "json", "none"),
                         help="progress display; json prints one JSON object per line (for the Slicer module)")
 
@@ -336,7 +353,7 @@ def command_train(args, progress: Progress) -> None:
             print(f"{site}: {args.out / (site + '.json')} (validation Dice on its own site {score:.3f})")
 
 
-def command_models(args, progress: Progress) -> None:
+def command_models(args, progress: Progress) -> int:
     import json
 
     from .inference import describe_device, resolve_device
@@ -344,14 +361,16 @@ def command_models(args, progress: Progress) -> None:
 
     entries = describe_models(args.paths, args.trust_code)
     device = describe_device(resolve_device("auto"))
+    unusable = ExitCode.BAD_INPUT if any(not entry["compatible"] for entry in entries) else ExitCode.OK
     if args.json:
         print(json.dumps({"models": entries, "auto_device": device}))
-        return
+        return unusable
     for entry in entries:
         labels = ", ".join(label["name"] for label in entry.get("labels", []))
         state = "ok" if entry["compatible"] else f"NOT USABLE: {entry['problem']}"
         print(f"{entry['name']:<16} {entry.get('site') or '':<40} [{labels}] {state}")
     print(f"device (auto): {device}")
+    return unusable
 
 
 def command_fetch_weights(args, progress: Progress) -> None:
@@ -365,13 +384,19 @@ def command_fetch_weights(args, progress: Progress) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     progress: Progress = Progress()
+    for stream in (sys.stdout, sys.stderr):  # a C locale or a Windows console cannot encode every name
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
-        args = build_parser().parse_args(argv)
-        progress = make_progress(getattr(args, "progress", "auto"))
-        quiet_libraries()
-        return args.handler(args, progress) or ExitCode.OK  # a handler may return another code (batch: cases failed)
+        with signals_end_like_interrupt():
+            args = build_parser().parse_args(argv)
+            progress = make_progress(getattr(args, "progress", "auto"))
+            quiet_libraries()
+            return args.handler(args, progress) or ExitCode.OK  # a handler may return another code (batch: cases failed)
     except UserInputError as error:
         return fail(progress, f"error: {error}", ExitCode.BAD_INPUT)
+    except Terminated as error:
+        return fail(progress, f"cancelled ({signal.Signals(error.signal_number).name})", 128 + error.signal_number)
     except (Cancelled, KeyboardInterrupt):
         return fail(progress, "cancelled", ExitCode.CANCELLED)
     except Exception as error:  # a bug: show the traceback so it can be reported
@@ -379,13 +404,44 @@ def main(argv: list[str] | None = None) -> int:
         return fail(progress, f"internal error: {type(error).__name__}: {error}", ExitCode.INTERNAL_ERROR)
 
 
-def fail(progress: Progress, message: str, code: ExitCode) -> int:
+def fail(progress: Progress, message: str, code: int) -> int:
+    message = one_line(message)
     progress.error(message, int(code))
     print(message, file=sys.stderr)
     return int(code)
+
+
+class Terminated(Cancelled):
+    """The process was asked to end by a signal other than SIGINT (SIGTERM, SIGHUP)."""
+
+    def __init__(self, signal_number: int):
+        super().__init__(f"signal {signal_number}")
+        self.signal_number = signal_number
+
+
+@contextlib.contextmanager
+def signals_end_like_interrupt():
+    """SIGTERM and SIGHUP end a command as Ctrl-C does: the run cleans up, and the exit code is 128 + the signal."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def terminate(signal_number, frame):
+        raise Terminated(signal_number)
+
+    numbers = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    previous = {number: signal.signal(number, terminate) for number in numbers}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def quiet_libraries() -> None:
     """Library chatter (deprecation notices, MONAI's affine warnings) is not for the user."""
     warnings.filterwarnings("ignore")
     logging.getLogger("monai").setLevel(logging.ERROR)
+    import SimpleITK
+
+    SimpleITK.ProcessObject.SetGlobalWarningDisplay(False)  # ITK prints warnings straight to stderr

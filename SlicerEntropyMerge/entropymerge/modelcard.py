@@ -14,6 +14,7 @@ from typing import Any
 
 from .errors import UserInputError
 from .safeconfig import INTENSITY_TRANSFORMS, array_transform_name
+from .validation import read_config
 
 CARD_FORMAT = "entropymerge-model-card"
 CARD_VERSION = 1
@@ -122,7 +123,7 @@ class ModelCard:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n", encoding="utf-8")
         return path
 
     @classmethod
@@ -157,6 +158,8 @@ class ModelCard:
                 check.that(network["out_channels"] == len(labels), "network.out_channels", f"must equal the number of labels ({len(labels)})")
         weights = data.get("weights")
         check.that(weights is None or isinstance(weights, str), "weights", "must be a file name")
+        for key in ("site", "description"):
+            check.that(data.get(key) is None or isinstance(data[key], str), key, f"must be text, got {data.get(key)!r}")
         head = data.get("head")
         names_ok = isinstance(head, list) and all(isinstance(h, str) for h in head) and head
         check.that(head is None or names_ok, "head", "must be a non-empty list of module names")
@@ -182,13 +185,7 @@ class ModelCard:
     @classmethod
     def load(cls, path: str | Path) -> "ModelCard":
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise UserInputError(f"model card not found: {path}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise UserInputError(f"model card {path} is not valid JSON: {error}") from None
-        return cls.from_json(data, path)
+        return cls.from_json(read_config(path, "model card"), path)
 
 
 def is_model_card_file(path: Path) -> bool:
@@ -196,9 +193,14 @@ def is_model_card_file(path: Path) -> bool:
     if path.suffix.lower() != ".json" or not path.is_file():
         return False
     try:
-        return json.loads(path.read_text()).get("format") == CARD_FORMAT
-    except (ValueError, UnicodeDecodeError, AttributeError):
+        return json.loads(path.read_text(encoding="utf-8")).get("format") == CARD_FORMAT
+    except (ValueError, UnicodeDecodeError, AttributeError, RecursionError):
         return False
+
+
+def is_hex_color(value: Any) -> bool:
+    """True for a colour written ``#rrggbb`` (hexadecimal digits), the only form written into pages and scenes."""
+    return isinstance(value, str) and len(value) == 7 and value[0] == "#" and all(c in "0123456789abcdefABCDEF" for c in value[1:])
 
 
 def default_labels(names: list[str]) -> tuple[Label, ...]:
@@ -236,10 +238,7 @@ def _labels(raw, check: _Checker) -> tuple[Label, ...]:
         check.that(isinstance(item, dict) and isinstance(item.get("name"), str), key, "must be an object with a 'name'")
         check.that(item.get("value", index) == index, f"{key}.value", f"must be {index}: labels are the output channels in order")
         color = item.get("color") or (DEFAULT_COLORS[(index - 1) % len(DEFAULT_COLORS)] if index else "#000000")
-        check.that(
-            isinstance(color, str) and len(color) == 7 and color[0] == "#" and all(c in "0123456789abcdefABCDEF" for c in color[1:]),
-            f"{key}.color", f"must be '#rrggbb', got {color!r}",
-        )
+        check.that(is_hex_color(color), f"{key}.color", f"must be '#rrggbb', got {color!r}")
         labels.append(Label(index, item["name"], color.lower()))
     names = [label.name for label in labels]
     duplicates = sorted({n for n in names if names.count(n) > 1})

@@ -8,7 +8,10 @@ TorchScript files are programs and load only when the user trusts them.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import pickle
+import sys
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,10 +23,14 @@ from .bundle import is_bundle, read_bundle
 from .errors import CodeExecutionRefused, UserInputError
 from .modelcard import ModelCard, is_model_card_file
 from .safeconfig import build_network
+from .validation import inside_folder, no_network, regular_file
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt", ".bin")
 TORCHSCRIPT_SUFFIXES = (".ts",)
 STATE_DICT_WRAPPERS = ("state_dict", "model_state_dict", "model", "network", "net", "weights")
+# Tensor types a state dict may hold: real floating-point parameters and integer buffers (counters).
+WEIGHT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64,
+                           torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool})
 
 
 @dataclass
@@ -43,8 +50,7 @@ class SiteModel:
 
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` or a PyTorch file, never unpickling arbitrary objects."""
-    if not path.is_file():
-        raise UserInputError(f"weights file not found: {path}")
+    regular_file(path, "weights file")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -63,10 +69,14 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
                 f"refused to load {path}: it holds Python objects other than tensors, which could run code when "
                 f"loaded ({_unpickling_reason(error)}). Site model files are read as plain weights only."
             ) from None
-        except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
-            raise UserInputError(f"could not read weights {path}: not a PyTorch weights file ({str(error).splitlines()[0]})") from None
+        except Exception as error:  # a damaged archive or pickle fails in many ways; none of them is our bug
+            reason = (str(error).splitlines() or [type(error).__name__])[0]
+            raise UserInputError(f"could not read weights {path}: not a PyTorch weights file ({reason})") from None
     state = _unwrap_state_dict(loaded, path)
     for key, tensor in state.items():
+        if tensor.dtype not in WEIGHT_DTYPES:
+            raise UserInputError(f"weights {path}: '{key}' has the unsupported type {str(tensor.dtype).replace('torch.', '')}; "
+                                 "site model weights must be real floating-point numbers")
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise UserInputError(f"weights {path} contain NaN or infinite values (first in '{key}')")
     return state
@@ -122,8 +132,16 @@ def load_weights_into(network: torch.nn.Module, state: dict[str, torch.Tensor], 
 
 
 def load_site_model(path: str | Path, trust_code: bool = False) -> SiteModel:
-    """Load one site model from a card, a weights or TorchScript file with its card, or a bundle."""
-    path = Path(path)
+    """Load one site model from a card, a weights or TorchScript file with its card, or a bundle.
+
+    Nothing it does reaches the network (``no_network``), and a model's files must lie in its folder.
+    What libraries print meanwhile goes to stderr: stdout carries JSON (``--progress json``, ``models --json``).
+    """
+    with no_network(f"site model {path}"), contextlib.redirect_stdout(sys.stderr):
+        return _load_site_model(Path(path), trust_code)
+
+
+def _load_site_model(path: Path, trust_code: bool) -> SiteModel:
     if not path.exists():
         raise UserInputError(f"model not found: {path}")
     if is_bundle(path):
@@ -150,7 +168,7 @@ def load_site_model(path: str | Path, trust_code: bool = False) -> SiteModel:
         return _load_torchscript(weights, card, trust_code)
     if card.network is None:
         raise UserInputError(f"model card {card_path} has no 'network'; it is needed to build the model from plain weights")
-    network = build_network(card.network, f"model card {card_path}: 'network'")
+    network = build_network(card.network, f"model card {card_path}: 'network'", trust_code)
     load_weights_into(network, load_state_dict_file(weights), weights, card_path)
     return SiteModel(card.name, path, card, network.eval(), "weights")
 
@@ -158,8 +176,7 @@ def load_site_model(path: str | Path, trust_code: bool = False) -> SiteModel:
 def _card_weights(card: ModelCard, card_path: Path) -> Path:
     if not card.weights:
         raise UserInputError(f"model card {card_path} does not name its 'weights' file")
-    weights = Path(card.weights)
-    return weights if weights.is_absolute() else card_path.parent / weights
+    return inside_folder(card_path.parent / card.weights, card_path.parent, f"model card {card_path}: weights")
 
 
 def _load_bundle(root: Path, trust_code: bool) -> SiteModel:
@@ -169,7 +186,7 @@ def _load_bundle(root: Path, trust_code: bool) -> SiteModel:
         model.source, model.kind, model.notes = root, "bundle", notes
         return model
     where = f"bundle {root}: 'network_def'"
-    network = build_network(card.network, where)
+    network = build_network(card.network, where, trust_code)
     load_weights_into(network, load_state_dict_file(weights), weights, where)
     return SiteModel(card.name, root, card, network.eval(), "bundle", notes)
 
@@ -198,6 +215,19 @@ def expand_model_paths(paths: list[str | Path]) -> list[Path]:
         else:
             expanded.append(path)
     return expanded
+
+
+def model_files(path: Path) -> list[Path]:
+    """The files a site model is read from (a bundle: its folder), which no output may replace."""
+    if path.is_dir():
+        return [path]
+    card = path if path.suffix.lower() == ".json" else path.with_suffix(".json")
+    files = [path, card]
+    try:
+        weights = json.loads(card.read_text(encoding="utf-8")).get("weights")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        weights = None  # loading the model reports what is wrong with its card
+    return files + ([card.parent / weights] if isinstance(weights, str) else [])
 
 
 def load_site_models(paths: list[str | Path], trust_code: bool = False) -> list[SiteModel]:
@@ -252,6 +282,28 @@ def describe_models(paths: list[str | Path], trust_code: bool = False) -> list[d
                 "compatible": problem is None, "problem": problem,
             })
     return entries
+
+
+def check_runs(model: SiteModel, window: tuple[int, int, int], what: str = "sliding window") -> None:
+    """One forward pass of zeros, (1, C_in, *window), through ``model`` before any real work.
+
+    Its card's input channels must fit the network, the window must suit the network's strides,
+    and the output must be a segmentation on the window: (1, number of labels, *window).
+    """
+    card, size = model.card, "x".join(map(str, window))
+    where = f"site model '{model.name}' ({model.source})"
+    try:
+        with torch.no_grad():
+            output = model.network.eval()(torch.zeros(1, card.input_channels, *window))
+    except Exception as error:  # whatever the network raises, the cause is the card, the window or the network spec
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UserInputError(f"{where} cannot run on a {what} of {size} voxels with {card.input_channels} input channel(s): "
+                             f"{reason} (check the card's input_channels and network, and the window size)") from None
+    expected = (1, card.num_classes, *window)
+    shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+    if shape != expected:
+        raise UserInputError(f"{where} gives {shape} for a {what} of {size} voxels; a segmentation network with one output "
+                             f"channel per label ({card.num_classes}: {', '.join(l.name for l in card.labels)}) gives {expected}")
 
 
 def check_compatible(models: list[SiteModel]) -> None:

@@ -38,13 +38,14 @@ from .merging import (
     softmax_coefficients,
 )
 from .metrics import evaluate
-from .modelcard import InferenceSettings
-from .models import SiteModel, check_compatible, expand_model_paths, load_site_models
+from .modelcard import InferenceSettings, ModelCard
+from .models import SiteModel, check_compatible, check_runs, expand_model_paths, load_site_models, model_files
 from .outputs import OutputFolder, safe_file_stem
 from .preprocessing import ModelSpaceImage, labels_to_model_space, to_model_space
 from .progress import Progress
 from .ranking import LabelSource, Taps, find_taps, rank_models, scribble_labels, tapped_pass
-from .volume import Volume, read_label_map, read_volume
+from .validation import physical_memory_bytes
+from .volume import Geometry, Volume, detached_data_files, read_label_map, read_volume
 
 METHODS = ("adaptive", "mean", "ensemble", "single", "select", "oracle")
 DEFAULT_TEMPERATURE = 0.05
@@ -91,6 +92,7 @@ class RunOptions:
     adapt_steps: int = AdaptationSettings.steps
     adapt_lr: float = AdaptationSettings.learning_rate
     report: bool = False  # also write report.html (made from the committed outputs)
+    memory_limit_gb: float | None = None  # refuse runs estimated to need more (default: this computer's memory)
 
     def adaptive_settings(self) -> AdaptiveSettings:
         return AdaptiveSettings(
@@ -131,6 +133,7 @@ class Case:
     reference: Volume | None = None
     features_cached: bool = False
     report: InferenceReport = field(default_factory=lambda: InferenceReport("cpu", []))
+    scribbles: Volume | None = None  # --scribbles as class values (unlabelled: --unlabelled-value), on the input grid
 
     @property
     def labels(self):
@@ -182,6 +185,37 @@ def inference_settings(model: SiteModel, options: RunOptions) -> InferenceSettin
     return settings
 
 
+# Floats per window voxel held by a network's activations during a forward pass (an estimate for
+# UNet-like networks; what matters is refusing runs that are off by orders of magnitude).
+WINDOW_FLOATS_PER_VOXEL = 64
+
+
+def estimated_memory_bytes(geometry: Geometry, card: ModelCard, settings: InferenceSettings) -> float:
+    """Bytes a run is estimated to need: the volume on the model grid with its input channels,
+    class probabilities and entropy; the outputs on the input grid; and the sliding windows."""
+    millimetres = np.prod(np.asarray(geometry.shape, float) * np.asarray(geometry.spacing))
+    model_voxels = millimetres / np.prod(card.preprocessing.spacing) if card.preprocessing.spacing else np.prod(np.asarray(geometry.shape, float))
+    input_voxels = np.prod(np.asarray(geometry.shape, float))
+    window_voxels = np.prod(np.asarray(settings.roi_size, float)) * settings.sw_batch_size
+    floats = (model_voxels * (card.input_channels + 3 * card.num_classes + 2) + input_voxels * (card.num_classes + 2)
+              + window_voxels * WINDOW_FLOATS_PER_VOXEL)
+    return float(4 * floats)
+
+
+def check_memory(geometry: Geometry, card: ModelCard, settings: InferenceSettings, limit_gb: float | None) -> None:
+    """Refuse, before anything large is allocated, a run estimated to need more than ``limit_gb`` GiB
+    (default: this computer's memory)."""
+    needed = estimated_memory_bytes(geometry, card, settings)
+    limit = limit_gb * 2**30 if limit_gb else physical_memory_bytes()
+    if needed > limit:
+        spacing = "x".join(f"{s:g}" for s in card.preprocessing.spacing) if card.preprocessing.spacing else "as stored"
+        raise UserInputError(
+            f"this run would need about {needed / 2**30:,.1f} GiB of memory (volume {geometry.describe()}; model spacing "
+            f"{spacing} mm, {card.num_classes} classes, window {'x'.join(map(str, settings.roi_size))} x {settings.sw_batch_size}); "
+            f"the limit is {limit / 2**30:,.1f} GiB{'' if limit_gb else ' (this computer)'}: raise it with --memory-limit GB"
+        )
+
+
 def load_case(options: RunOptions, progress: Progress, timings: Timings) -> Case:
     """Read and check the inputs, move the volume into the models' space and add the feature channels."""
     progress.stage("load", "reading the volume and the site models")
@@ -190,6 +224,11 @@ def load_case(options: RunOptions, progress: Progress, timings: Timings) -> Case
         models = load_site_models(options.models, options.trust_code)
         check_compatible(models)
         card = models[0].card
+        settings = inference_settings(models[0], options)
+        check_memory(volume.geometry, card, settings, options.memory_limit_gb)
+        check_runs(models[0], settings.roi_size)
+        if options.probe_size:
+            check_runs(models[0], tuple(options.probe_size), "probe patch")
         reference = None
         if options.reference:
             reference = read_label_map(options.reference, volume.geometry)
@@ -199,6 +238,10 @@ def load_case(options: RunOptions, progress: Progress, timings: Timings) -> Case
                     f"reference segmentation {options.reference} holds label values {unknown} that the models do not know "
                     f"(they predict {', '.join(f'{l.value}={l.name}' for l in card.labels)})"
                 )
+        scribbles = None
+        if options.scribbles:  # checked now, not after the probe passes
+            painted = read_label_map(options.scribbles, volume.geometry, "scribbles", allow_negative=True)
+            scribbles = Volume(scribble_labels(painted, len(card.labels), options.unlabelled_value, options.scribbles), painted.geometry)
         device = resolve_device(options.device)
     for model in models:
         for note in model.notes:
@@ -222,9 +265,8 @@ def load_case(options: RunOptions, progress: Progress, timings: Timings) -> Case
         features = model_inputs(image.tensor.as_tensor(), spec, extractor, cache)
     if spec:
         progress.update(1.0, "stable features from the cache" if features.cached else "stable features computed")
-    settings = inference_settings(models[0], options)
     return Case(volume, models, image, features.inputs, settings, device, reference, features.cached,
-                InferenceReport(str(device), []))
+                InferenceReport(str(device), []), scribbles)
 
 
 def site_probe_outputs(case: Case, probe: Probe, progress: Progress, taps: Taps | None = None):
@@ -327,6 +369,8 @@ def run(options: RunOptions, progress: Progress | None = None) -> dict:
                    ("adapt", 3 if options.adapt != "none" else 0), ("inference", 6),
                    ("evaluate", 1 if options.reference else 0), ("rank", 2 if options.rank else 0), ("write", 1)])
     try:
+        output.expect(*(f"{name}.{options.volume_format}" for name in ("segmentation", "entropy") if options.segment),
+                      *(["report.html"] if options.report else []))
         case = load_case(options, progress, timings)
         models = case.models
         if options.rank and len(models) < 2:
@@ -375,14 +419,17 @@ def run(options: RunOptions, progress: Progress | None = None) -> dict:
         summary = build_summary(options, case, plan, timings, progress, evaluation, per_model)
         summary["ranking"] = ranking.to_json() if ranking else None
         summary["adaptation"] = adaptation
-        outputs = output.commit(summary)
+        outputs = output.commit(summary, release=not options.report)
     except BaseException:
         output.abort()
         raise
     if options.report:  # after the commit: a report that fails never costs the run's results
         from .report import write_report
 
-        outputs["report"] = str(write_report(options.out, overwrite=True, progress=progress))
+        try:
+            outputs["report"] = str(write_report(options.out, overwrite=True, progress=progress))
+        finally:
+            output.release()
     progress.done(outputs)
     return dict(summary, outputs=outputs)
 
@@ -404,10 +451,8 @@ def adapt_merged(case: Case, options: RunOptions, plan: MergePlan, probe_run: Pr
 
 def label_source(case: Case, options: RunOptions, pseudo_labels: np.ndarray | None) -> LabelSource:
     """The labels the ranking trusts most: reference, then scribbles, then the merged prediction."""
-    if options.scribbles:
-        scribbles = read_label_map(options.scribbles, case.volume.geometry, "scribbles", allow_negative=True)
-        values = scribble_labels(scribbles, len(case.labels), options.unlabelled_value, options.scribbles)
-        in_model_space = labels_to_model_space(Volume(values, scribbles.geometry), case.image).numpy()
+    if case.scribbles is not None:
+        in_model_space = labels_to_model_space(case.scribbles, case.image).numpy()
         return LabelSource("scribbles", in_model_space, f"scribbles {options.scribbles} (unlabelled = {options.unlabelled_value})")
     if case.reference is not None:
         return LabelSource("reference", labels_to_model_space(case.reference, case.image).numpy(), f"reference {options.reference}")
@@ -475,8 +520,10 @@ def write_segmentation(output: OutputFolder, model_name: str, segmentation: Segm
 
 
 def input_paths(options: RunOptions) -> tuple[Path, ...]:
-    paths = [Path(options.volume), *expand_model_paths(options.models)]
-    return tuple(paths + ([Path(options.reference)] if options.reference else []))
+    """Every file or folder the run reads (volume, label maps, model files), which no output may replace."""
+    paths = [Path(p) for p in (options.volume, options.reference, options.scribbles) if p]
+    paths += [data for path in paths if path.is_file() for data in detached_data_files(path)]
+    return tuple(paths + [file for model in expand_model_paths(options.models) for file in model_files(model)])
 
 
 def _named(models, values) -> dict[str, float] | None:

@@ -13,6 +13,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Orientation, Spacing, SpatialResample
 
+from .errors import UserInputError
 from .modelcard import Preprocessing
 from .safeconfig import build_intensity_transform
 from .volume import Geometry, Volume
@@ -45,7 +46,12 @@ def to_model_space(volume: Volume, preprocessing: Preprocessing) -> ModelSpaceIm
     if preprocessing.spacing and not np.allclose(_spacing_after(image), preprocessing.spacing, rtol=0, atol=1e-6):
         image = Spacing(pixdim=preprocessing.spacing, mode="bilinear", padding_mode="border")(image)
     for index, step in enumerate(preprocessing.intensity):
-        image = build_intensity_transform(step, f"preprocessing.intensity[{index}]")(image)
+        where = f"preprocessing.intensity[{index}]"
+        transform = build_intensity_transform(step, where)
+        try:
+            image = transform(image)
+        except Exception as error:  # arguments of the wrong type only fail when applied
+            raise UserInputError(f"{where} ({step['_target_']}) cannot be applied: {str(error).strip() or type(error).__name__}") from None
     image = MetaTensor(torch.as_tensor(image, dtype=torch.float32).contiguous(), affine=image.affine)
     return ModelSpaceImage(image, volume.geometry)
 

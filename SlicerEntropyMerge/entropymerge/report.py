@@ -24,7 +24,7 @@ from matplotlib import colormaps
 
 from .errors import UserInputError
 from .figures import ENTROPY_COLORMAP, ENTROPY_LABEL, VIEW_AXES, VIEWS, CanonicalVolume, busiest_slice, canonical, intensity_window, label_colormap
-from .modelcard import Label
+from .modelcard import Label, is_hex_color
 from .outputs import SUMMARY_NAME, write_text_atomically
 from .progress import Progress
 from .volume import Volume, read_label_map, read_volume
@@ -86,11 +86,14 @@ def read_run_summary(run_dir: Path) -> dict:
     if not path.is_file():
         raise UserInputError(f"{run_dir} holds no finished run ({SUMMARY_NAME} is missing)")
     try:
-        summary = json.loads(path.read_text())
+        summary = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as error:
         raise UserInputError(f"{path} is not valid JSON: {error}") from None
     if "segmentation" not in summary.get("outputs", {}):
         raise UserInputError(f"the run in {run_dir} wrote no segmentation (a ranking-only run); the report needs one")
+    bad = next((label for label in summary.get("labels", []) if not (isinstance(label, dict) and is_hex_color(label.get("color")))), None)
+    if bad is not None:
+        raise UserInputError(f"{path}: the label {bad!r} needs a colour written '#rrggbb'")
     return summary
 
 
@@ -123,7 +126,8 @@ def render_report(summary: dict, target: Volume, entropy: np.ndarray, layers: li
         _ranking_section(summary),
         _details_section(summary),
     ])
-    payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
+    # No "<", ">" or "&" in the data block: a name like "<!--<script" would end or derail it.
+    payload = json.dumps(data, separators=(",", ":")).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<title>EntropyMerge report: {_e(name)}</title><style>{STYLE}</style></head>\n"

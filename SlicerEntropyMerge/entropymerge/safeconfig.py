@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from .errors import CodeExecutionRefused, UserInputError
+from .validation import fetching_arguments
 
 # Intensity-only MONAI transforms a model may ask for (array versions; dictionary versions map here).
 INTENSITY_TRANSFORMS = frozenset(
@@ -38,6 +39,9 @@ SPATIAL_TRANSFORMS = frozenset({"Orientation", "Spacing"})
 # Keyword arguments of dictionary transforms that only route data between keys.
 DICT_ONLY_ARGUMENTS = frozenset({"keys", "allow_missing_keys", "meta_keys", "meta_key_postfix", "image_only", "reader"})
 
+# Resolved values one config may expand to: references that double at each level would otherwise
+# grow without bound from a file of a few lines.
+MAX_RESOLVED_VALUES = 200_000
 PURE_REFERENCE = re.compile(r"^\$@([\w:#.\-]+)$")
 ID_SEPARATOR = re.compile(r"::|#")
 
@@ -75,12 +79,25 @@ def network_class(target: str, where: str) -> type[torch.nn.Module]:
     return candidate
 
 
-def build_network(spec: dict, where: str) -> torch.nn.Module:
-    """Instantiate a MONAI network from a resolved spec such as ``{"_target_": "UNet", ...}``."""
+def build_network(spec: dict, where: str, trust_code: bool = False) -> torch.nn.Module:
+    """Instantiate a MONAI network from a resolved spec such as ``{"_target_": "UNet", ...}``.
+
+    Arguments with which the network would download or read weights itself (``pretrained``,
+    ``*_url``, weight paths) are refused unless ``trust_code``: a model file may not reach the
+    network or other files.
+    """
     if not isinstance(spec, dict) or "_target_" not in spec:
         raise UserInputError(f"{where}: the network must be a mapping with a '_target_' MONAI network name")
     cls = network_class(spec["_target_"], where)
     kwargs = {key: value for key, value in spec.items() if not key.startswith("_")}
+    fetching = {} if trust_code else fetching_arguments(cls, kwargs)
+    if fetching:
+        settings = ", ".join(f"{name}={value!r}" for name, value in fetching.items())
+        raise UserInputError(
+            f"{where}: {cls.__name__} with {settings} would download or read weights by itself; set "
+            f"{'it' if len(fetching) == 1 else 'them'} to false/null (the model's own weights file is used), "
+            "or trust this model (--trust-bundle-code)"
+        )
     try:
         return cls(**kwargs)
     except Exception as error:  # constructor errors are user errors in the spec
@@ -126,6 +143,7 @@ class ConfigResolver:
         self.trust_code = trust_code
         self.overrides = overrides or {}
         self._parser = None
+        self._resolved_count = 0
 
     def has(self, id: str) -> bool:
         try:
@@ -139,9 +157,17 @@ class ConfigResolver:
         return self._lookup(id)
 
     def resolve(self, id: str) -> Any:
-        return self.resolve_value(self._lookup(id), id, frozenset())
+        try:
+            return self.resolve_value(self._lookup(id), id, frozenset())
+        except RecursionError:
+            raise UserInputError(f"{self._where(id)}: references nest too deeply") from None
 
     def resolve_value(self, value: Any, id: str, visiting: frozenset = frozenset()) -> Any:
+        self._resolved_count += 1
+        if self._resolved_count > MAX_RESOLVED_VALUES:
+            raise UserInputError(
+                f"{self._where(id)}: the config's references expand to over {MAX_RESOLVED_VALUES:,} values; refused as a resource bomb"
+            )
         if isinstance(value, str):
             return self._resolve_string(value, id, visiting)
         if isinstance(value, dict):

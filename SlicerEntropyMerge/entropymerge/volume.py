@@ -18,6 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import UserInputError
+from .validation import inside_folder, physical_memory_bytes, regular_file
 
 FILE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 # A volume file whose name ends so (before the suffix) is a label map beside the images of a case
@@ -128,17 +129,22 @@ def read_volume(path: str | os.PathLike, what: str = "volume") -> Volume:
             f"{what} {path} has an unsupported file type; expected one of {', '.join(FILE_SUFFIXES)} "
             "or a folder with a DICOM series"
         )
-    if path.name.lower().endswith((".nii", ".nii.gz")):
+    regular_file(path, what)
+    detached_data_files(path, what)
+    nifti = path.name.lower().endswith((".nii", ".nii.gz"))
+    header = sitk.ImageFileReader()
+    header.SetFileName(str(path))
+    try:
+        header.ReadImageInformation()
+    except RuntimeError as error:
+        raise UserInputError(
+            f"could not read {what} {path}: corrupt, truncated or {'not a NIfTI file' if nifti else 'of another format'} "
+            f"({_itk_reason(error)})"
+        ) from None
+    _check_header(header, path, what)
+    if nifti:
         # Geometry from ITK (as our writer uses it); voxels from nibabel, which refuses truncated files
         # and keeps NaN, where ITK's NIfTI reader zero-fills both silently.
-        header = sitk.ImageFileReader()
-        header.SetFileName(str(path))
-        try:
-            header.ReadImageInformation()
-        except RuntimeError as error:
-            raise UserInputError(
-                f"could not read {what} {path}: corrupt, truncated or not a NIfTI file ({_itk_reason(error)})"
-            ) from None
         return _validated_volume(_read_nifti_voxels(path, what), header, path, what)
     try:
         image = sitk.ReadImage(str(path))
@@ -147,6 +153,42 @@ def read_volume(path: str | os.PathLike, what: str = "volume") -> Volume:
             f"could not read {what} {path} (corrupt, truncated or of another format): {_itk_reason(error)}"
         ) from None
     return _validated_volume(sitk.GetArrayFromImage(image).transpose(2, 1, 0), image, path, what)
+
+
+def _check_header(header: sitk.ImageFileReader, path: Path, what: str) -> None:
+    """Before any voxel is read: one component per voxel, and voxel data that fits in this computer's memory."""
+    components = header.GetNumberOfComponents()
+    if components != 1:
+        raise UserInputError(f"{what} {path} has {components} components per voxel; a scalar volume is needed")
+    voxels = float(np.prod([float(n) for n in header.GetSize()]))
+    needed = voxels * 8  # read, then converted to float
+    available = physical_memory_bytes()
+    if needed > available:
+        raise UserInputError(f"{what} {path} has {voxels:,.0f} voxels (size {header.GetSize()}), about {needed / 2**30:,.1f} GiB "
+                             f"in memory; this computer has {available / 2**30:,.1f} GiB")
+
+
+def detached_data_files(path: Path, what: str = "volume") -> list[Path]:
+    """The data files a detached header (``.mhd``, ``.nhdr``) names; each must be a regular file in the header's folder.
+
+    A header could otherwise make the tool read any file on the computer as voxels.
+    """
+    separator = {".mhd": "=", ".nhdr": ":"}.get(path.suffix.lower())
+    if separator is None:
+        return []
+    with open(path, "rb") as stream:
+        header = stream.read(64 * 1024).decode("latin-1")
+    files = []
+    for line in header.splitlines():
+        name, found, value = line.partition(separator)
+        if found and name.strip().lower().replace(" ", "") in ("elementdatafile", "datafile"):
+            value = value.strip()
+            if value.upper() == "LOCAL":
+                return []
+            if value.upper().startswith("LIST") or "%" in value or " " in value:
+                raise UserInputError(f"{what} {path} names its data as {value!r}; only one data file beside the header is supported")
+            files.append(regular_file(inside_folder(path.parent / value, path.parent, f"{what} {path}: data file"), f"{what} data file"))
+    return files
 
 
 def _read_nifti_voxels(path: Path, what: str) -> np.ndarray:
@@ -204,6 +246,9 @@ def _validated_volume(array: np.ndarray, image, path: Path, what: str) -> Volume
         raise UserInputError(f"{what} {path} has voxel data of shape {array.shape} but a header of size {size}")
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         raise UserInputError(f"{what} {path} contains NaN or infinite voxel values")
+    largest = float(np.abs(array).max()) if array.size and array.dtype.kind in "fiu" else 0.0
+    if largest > float(np.finfo(np.float32).max):  # models compute in float32: these would become infinite
+        raise UserInputError(f"{what} {path} holds values up to {largest:.3g}, beyond the float32 range (a wrong scaling in the header?)")
     geometry = Geometry(
         shape=size,
         spacing=tuple(float(s) for s in spacing),
@@ -224,10 +269,12 @@ def _itk_reason(error: RuntimeError) -> str:
     return lines[-1] if lines else "unknown error"
 
 
-def write_volume(array: np.ndarray, geometry: Geometry, path: str | os.PathLike) -> Path:
+def write_volume(array: np.ndarray, geometry: Geometry, path: str | os.PathLike, verify: bool = False) -> Path:
     """Write an (i, j, k) array on ``geometry`` to ``path`` atomically (temporary name, then rename).
 
-    The format follows the suffix of ``path``; NIfTI and NRRD files are compressed.
+    The format follows the suffix of ``path``; NIfTI and NRRD files are compressed. ``verify``
+    reads the file back before it is moved into place and raises ``OSError`` unless it holds the
+    array: ITK's writer returns normally on a full disk.
     """
     path = Path(path)
     array = np.asarray(array)
@@ -244,11 +291,22 @@ def write_volume(array: np.ndarray, geometry: Geometry, path: str | os.PathLike)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
     try:
         sitk.WriteImage(image, str(staging / path.name), useCompression=True)
+        if verify:
+            _verify_written(staging / path.name, array)
         for written in sorted(staging.iterdir(), key=lambda p: p.name == path.name):  # header last
             os.replace(written, path.parent / written.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+def _verify_written(path: Path, array: np.ndarray) -> None:
+    try:
+        written = read_volume(path, "written file").array
+    except UserInputError as error:
+        raise OSError(f"the written file does not read back (disk full?): {error}") from None
+    if written.shape != array.shape or not np.array_equal(written, array):
+        raise OSError("the written file does not hold the data (disk full?)")
 
 
 def read_label_map(path: str | os.PathLike, geometry: Geometry, what: str = "reference segmentation", allow_negative: bool = False) -> Volume:
