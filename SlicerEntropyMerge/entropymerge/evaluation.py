@@ -14,8 +14,8 @@ import numpy as np
 
 from .entropy import probe_statistics
 from .inference import Segmentation
-from .merging import AdaptiveSettings, MergePlan, adaptive_plan, mean_coefficients, one_hot, probe_batch_size, select_probe, site_scores
-from .pipeline import Case, default_probe_size, site_probe_outputs
+from .merging import AdaptiveSettings, MergePlan, adaptive_plan, mean_coefficients, one_hot, probe_batch_size, site_scores
+from .pipeline import Case, site_probe_outputs
 from .progress import Progress
 
 
@@ -74,7 +74,7 @@ def compare_methods(
         comparison.results.append(MethodResult(key, label, segmentation, seconds, case.evaluate(segmentation.labels), coefficients))
 
     progress.update(0.0, "probe passes")
-    probe, probe_seconds = _timed(lambda: select_probe(case.inputs, probe_size or default_probe_size(case.settings.roi_size), probe_patches))
+    probe, probe_seconds = _timed(lambda: case.select_probe(probe_size, probe_patches))
     (outputs, _), pass_seconds = _timed(lambda: site_probe_outputs(case, probe, Progress()))
     probe_seconds += pass_seconds
     comparison.probe = probe.describe()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import platform
 import time
 from dataclasses import dataclass, field, replace
@@ -22,7 +23,16 @@ from .adaptation import AdaptationSettings, adapt
 from .entropy import predicted_labels, probe_statistics
 from .errors import UserInputError
 from .features import FeatureCache, get_extractor, model_inputs
-from .inference import InferenceReport, Segmentation, describe_device, predict_logits, resolve_device, segmentation_from_probabilities
+from .inference import (
+    InferenceReport,
+    Segmentation,
+    describe_device,
+    fit_to_volume,
+    network_multiple,
+    predict_logits,
+    resolve_device,
+    segmentation_from_probabilities,
+)
 from .merging import (
     STATISTICS,
     AdaptiveSettings,
@@ -141,6 +151,12 @@ class Case:
         logits = predict_logits(network, self.inputs, self.settings, self.device, progress, self.report)
         return torch.softmax(logits[0].float(), dim=0)
 
+    def select_probe(self, patch_size=None, patches: int = 8, mode: str = "patches") -> Probe:
+        """The probe for this case; ``patch_size`` None: the default (``default_probe_size``)."""
+        multiple = self.settings.spatial_multiple
+        return select_probe(self.inputs, patch_size or default_probe_size(self.settings.roi_size, multiple), patches, mode,
+                            multiple)
+
     def segment(self, probabilities: torch.Tensor, keep_probabilities: bool = False) -> Segmentation:
         return segmentation_from_probabilities(probabilities, self.image, keep_probabilities)
 
@@ -171,10 +187,11 @@ def validate_options(options: RunOptions) -> None:
 
 
 def inference_settings(model: SiteModel, options: RunOptions) -> InferenceSettings:
-    """The model card's sliding-window settings with the user's overrides applied."""
-    settings = model.card.inference
+    """The model card's inference settings with the user's overrides applied (an ROI means sliding windows)
+    and the size multiple the network needs."""
+    settings = replace(model.card.inference, spatial_multiple=network_multiple(model.card.network))
     if options.roi_size:
-        settings = replace(settings, roi_size=tuple(options.roi_size))
+        settings = replace(settings, roi_size=tuple(options.roi_size), inferer="sliding_window")
     if options.overlap is not None:
         settings = replace(settings, overlap=options.overlap)
     if options.sw_batch_size:
@@ -222,7 +239,11 @@ def load_case(options: RunOptions, progress: Progress, timings: Timings) -> Case
         features = model_inputs(image.tensor.as_tensor(), spec, extractor, cache)
     if spec:
         progress.update(1.0, "stable features from the cache" if features.cached else "stable features computed")
-    settings = inference_settings(models[0], options)
+    notes: list[str] = []
+    settings = fit_to_volume(inference_settings(models[0], options), image.tensor.shape[1:], notes,
+                             "--roi-size" if options.roi_size else "the model's sliding-window ROI")
+    for note in notes:
+        progress.note(note)
     return Case(volume, models, image, features.inputs, settings, device, reference, features.cached,
                 InferenceReport(str(device), []))
 
@@ -256,8 +277,7 @@ class ProbeRun:
 def run_probe(case: Case, options: RunOptions, progress: Progress, timings: Timings) -> ProbeRun:
     progress.stage("probe", f"probe passes of {len(case.models)} site models")
     with timings.measure("probe"):
-        probe = select_probe(case.inputs, options.probe_size or default_probe_size(case.settings.roi_size),
-                             options.probe_patches, options.probe)
+        probe = case.select_probe(options.probe_size, options.probe_patches, options.probe)
         for note in probe.notes:
             progress.note(note)
         taps = find_taps(case.models[0], probe.patches[:1]) if options.rank else None
@@ -292,9 +312,11 @@ def plan_merge(case: Case, options: RunOptions, progress: Progress, timings: Tim
     return MergePlan(options.method, None), probe_run  # ensemble and oracle run every model in full
 
 
-def default_probe_size(roi_size) -> tuple[int, int, int]:
-    """Half the ROI per axis, kept a multiple of 16 (and at least 16): about one window per model for 8 patches."""
-    return tuple(max(16, (r // 2) // 16 * 16) for r in roi_size)
+def default_probe_size(roi_size, multiple=(1, 1, 1)) -> tuple[int, int, int]:
+    """Half the ROI per axis, kept a multiple of 16 and of the network's size multiple (and at least that):
+    about one window per model for 8 patches."""
+    steps = [math.lcm(16, int(m)) for m in multiple]
+    return tuple(max(step, (r // 2) // step * step) for r, step in zip(roi_size, steps))
 
 
 def single_model_index(models: list[SiteModel], choice: str | None) -> int:
@@ -503,8 +525,9 @@ def build_summary(options: RunOptions, case: Case, plan: MergePlan, timings: Tim
         "merge_details": {k: (_named(models, v) if k in ("scores", "head_scores") else v) for k, v in details.items()},
         "features": {"spec": _feature_summary(models[0]), "from_cache": case.features_cached},
         "device": case.report.device,
-        "inference": {"roi_size": list(case.settings.roi_size), "overlap": case.settings.overlap,
-                      "sw_batch_size": case.settings.sw_batch_size},
+        "inference": {"inferer": case.settings.inferer, "roi_size": list(case.settings.roi_size),
+                      "overlap": case.settings.overlap, "sw_batch_size": case.settings.sw_batch_size,
+                      "mode": case.settings.blend_mode, "padding_mode": case.settings.padding_mode},
         "evaluation": evaluation,
         "per_model": per_model or None,
         "timings_s": timings,
