@@ -25,6 +25,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+from entropymerge.methods import METHODS
 from SlicerEntropyMergeLib import cases
 from SlicerEntropyMergeLib.engine import ModelReport, RunRequest, models_needed, models_process, parse_roi_size
 from SlicerEntropyMergeLib.job import RunJob, abandon_run, finish_run, start_run
@@ -75,19 +76,14 @@ def registerSampleData():
         )
 
 
-class Method(enum.Enum):
-    adaptive = "adaptive"
-    mean = "mean"
-    ensemble = "ensemble"
-    single = "single"
-
+class MethodLabel:
     def label(self):
-        return {
-            Method.adaptive: _("entropy-adaptive merge"),
-            Method.mean: _("mean merge"),
-            Method.ensemble: _("ensemble of the site models"),
-            Method.single: _("single site model"),
-        }[self]
+        return _(METHODS[self.value].label)
+
+
+# The engine's merge-method registry (importable without torch) is the one list; the panel offers the methods
+# that need no reference segmentation.
+Method = enum.Enum("Method", [(m.name, m.name) for m in METHODS.values() if not m.needs_reference], type=MethodLabel)
 
 
 class Device(enum.Enum):

@@ -61,7 +61,7 @@ def read_bundle(root: Path, trust_code: bool = False) -> tuple[ModelCard, Path, 
         raise UserInputError(f"bundle {root} has no weights: expected one of models/{{{','.join(WEIGHT_FILE_NAMES)}}}")
 
     card = ModelCard(
-        name=str(metadata.get("name") or root.name),
+        name=str(metadata.get("name") or "").strip() or root.name,
         site=None,
         description=str(metadata.get("description") or ""),
         labels=default_labels(channel_names),
