@@ -152,3 +152,28 @@ def test_a_size_the_network_cannot_take_is_a_user_error_not_a_traceback():
     unknown_multiple = InferenceSettings((36, 36, 36), inferer="whole")  # as for a network whose strides are not known
     with pytest.raises(UserInputError, match=r"cannot take an input of \(36, 36, 36\) voxels.*multiple"):
         predict_logits(network, torch.rand(1, 1, 36, 36, 36), unknown_multiple, torch.device("cpu"))
+
+
+def test_sliding_windows_pad_only_axes_shorter_than_the_window():
+    from monai.inferers import sliding_window_inference
+
+    from conftest import tiny_unet_spec
+    from entropymerge.inference import predict_logits
+    from entropymerge.modelcard import InferenceSettings
+    from entropymerge.safeconfig import build_network
+
+    torch.manual_seed(0)
+    network = build_network(tiny_unet_spec(1, 3), "test").eval()  # strides [2, 2]: multiple 4
+    settings = InferenceSettings((16, 16, 16), 0.25, 2, spatial_multiple=(4, 4, 4))
+    inputs = torch.rand(1, 1, 37, 21, 18)  # no axis a multiple of 4; every axis longer than the window
+    with torch.inference_mode():
+        expected = sliding_window_inference(inputs, (16, 16, 16), 2, network, 0.25, mode="gaussian")
+    torch.testing.assert_close(predict_logits(network, inputs, settings, torch.device("cpu")), expected)
+
+    short = torch.rand(1, 1, 37, 21, 10)  # the last axis is shorter than the window: fitted to 12, padded by 2
+    fitted = fit_to_volume(settings, short.shape[2:], [])
+    assert fitted.roi_size == (16, 16, 12)
+    padded = torch.cat([short, short[..., -1:].expand(1, 1, 37, 21, 2)], dim=-1)
+    with torch.inference_mode():
+        expected = sliding_window_inference(padded, (16, 16, 12), 2, network, 0.25, mode="gaussian")[..., :10]
+    torch.testing.assert_close(predict_logits(network, short, fitted, torch.device("cpu")), expected)

@@ -13,7 +13,7 @@ from monai.inferers import sliding_window_inference
 
 from .entropy import normalized_entropy, predicted_labels
 from .errors import UserInputError
-from .features import pad_to_multiple
+from .features import pad_far_ends, pad_to_multiple
 from .modelcard import InferenceSettings
 from .preprocessing import ModelSpaceImage, to_input_grid
 
@@ -161,27 +161,31 @@ def predict_logits(
 ) -> torch.Tensor:
     """Logits of ``network`` over ``inputs`` (1, C_in, X, Y, Z); returns (1, C, X, Y, Z) on the CPU.
 
-    The volume is padded (``settings.padding_mode``, edge values by default) only up to the next
-    multiple of the network's ``spatial_multiple``, then run whole (``inferer="whole"``) or in
-    sliding windows of ``settings.roi_size``, which must fit the padded volume (``fit_to_volume``).
+    The volume is padded (``settings.padding_mode``, edge values by default) only as far as the
+    network needs: for a whole-volume pass (``inferer="whole"``) up to the next multiple of its
+    ``spatial_multiple``; for sliding windows of ``settings.roi_size`` (fitted with
+    ``fit_to_volume``) only along axes shorter than the window.
     A whole-volume pass that would not fit in memory runs in sliding windows instead; on a CUDA
     out-of-memory error it retries with one window at a time and CPU stitching, then on the CPU.
     Each fallback is noted in ``report``.
     """
     report = report if report is not None else InferenceReport(str(device), [])
+    if settings.inferer != "whole":  # full windows need no padding; only an axis shorter than the window does
+        extra = [max(roi - size, 0) for roi, size in zip(settings.roi_size, inputs.shape[2:])]
+        padded, crop = pad_far_ends(inputs, extra, settings.padding_mode)
+        return _windows_with_fallbacks(network, padded, settings, device, progress, report)[crop]
     padded, crop = pad_to_multiple(inputs, settings.spatial_multiple, settings.padding_mode)
-    if settings.inferer == "whole":
-        needed, free = whole_volume_bytes(network, padded.shape[2:]), available_memory(device)
-        if free is None or needed <= free // 2:
-            try:
-                return _checked_forward(network, padded, device, progress)[crop].cpu()
-            except (torch.OutOfMemoryError, RuntimeError) as error:
-                if not is_out_of_memory(error):
-                    raise
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-        report.note(f"the whole volume {tuple(padded.shape[2:])} does not fit in {device.type} memory at once; "
-                    f"running sliding windows of {settings.roi_size} instead")
+    needed, free = whole_volume_bytes(network, padded.shape[2:]), available_memory(device)
+    if free is None or needed <= free // 2:
+        try:
+            return _checked_forward(network, padded, device, progress)[crop].cpu()
+        except (torch.OutOfMemoryError, RuntimeError) as error:
+            if not is_out_of_memory(error):
+                raise
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    report.note(f"the whole volume {tuple(padded.shape[2:])} does not fit in {device.type} memory at once; "
+                f"running sliding windows of {settings.roi_size} instead")
     return _windows_with_fallbacks(network, padded, settings, device, progress, report)[crop]
 
 
