@@ -322,7 +322,8 @@ def run(options: RunOptions, progress: Progress | None = None) -> dict:
     output = OutputFolder(options.out, options.overwrite, input_paths(options), options.volume_format)
     timings = Timings()
     method = get_method(options.method)
-    runs_every_model = method.runs_every_model or options.per_model or (options.rank and options.reference)
+    per_model_runs = options.per_model or (options.rank and options.reference)  # each site model's own result
+    runs_every_model = method.runs_every_model or per_model_runs
     progress.plan([("load", 1), ("preprocess", 1), ("features", 2), ("probe", 2), ("merge", 1),
                    ("site models", 6 * len(options.models) if runs_every_model else 0),
                    ("adapt", 3 if options.adapt != "none" else 0), ("inference", 6),
@@ -334,11 +335,12 @@ def run(options: RunOptions, progress: Progress | None = None) -> dict:
             raise UserInputError(f"--rank needs at least two models; {len(models)} given")
         plan, probe_run = plan_merge(case, options, progress, timings)
         per_model: dict[str, dict] = {}
-        if plan.body is None or options.per_model or (options.rank and options.reference):
-            ensemble_sum, best = _run_every_model(case, options, output, per_model, progress, timings, plan.body is None)
-            if method.combine == "average" and plan.body is None:
+        if plan.body is None or per_model_runs:  # plan.body None: the method combines full runs of every model
+            average = plan.body is None and method.combine == "average"
+            ensemble_sum, best = _run_every_model(case, options, output, per_model, progress, timings, average)
+            if average:
                 plan.details["members"] = [m.name for m in models]
-            elif method.combine == "best" and plan.body is None:
+            elif plan.body is None:
                 plan = MergePlan(method.name, one_hot(best, len(models)), details={"selected": models[best].name})
 
         adapted, adaptation = adapt_merged(case, options, plan, probe_run, progress, timings)  # --adapt
