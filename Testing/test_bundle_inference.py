@@ -177,3 +177,16 @@ def test_sliding_windows_pad_only_axes_shorter_than_the_window():
     with torch.inference_mode():
         expected = sliding_window_inference(padded, (16, 16, 12), 2, network, 0.25, mode="gaussian")[..., :10]
     torch.testing.assert_close(predict_logits(network, short, fitted, torch.device("cpu")), expected)
+
+
+@pytest.mark.parametrize("spec, multiple", [
+    ({"_target_": "UNet", "strides": [2, 2, 2]}, (8, 8, 8)),
+    ({"_target_": "monai.networks.nets.UNet", "strides": [2, [2, 2, 1]]}, (4, 4, 2)),
+    ({"_target_": "DynUNet", "strides": [1, 2, 2, 2, 2]}, (16, 16, 16)),
+    ({"_target_": "SegResNet"}, (8, 8, 8)),
+    ({"_target_": "SwinUNETR"}, (32, 32, 32)),
+    ({"_target_": "SomethingElse"}, (1, 1, 1)),
+    (None, (1, 1, 1)),  # TorchScript without a network definition
+])
+def test_network_multiple_from_the_definition(spec, multiple):
+    assert network_multiple(spec) == multiple
