@@ -288,6 +288,7 @@ def plan_merge(case: Case, options: RunOptions, progress: Progress, timings: Tim
     models = case.models
     method = get_method(options.method)
     if len(models) == 1:
+        progress.stage("merge", f"one site model: {models[0].name}")
         if method.name != "single":
             progress.note(f"one site model: the {method.label} is that model itself; no probe and no merge")
         return MergePlan(method.name, one_hot(0, 1)), None
