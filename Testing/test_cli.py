@@ -111,7 +111,8 @@ def test_bad_models_exit_2(tmp_path, capsys, model_factory, small_volume):
     assert not marker.exists()
     assert "--single-model" in bad_run(tmp_path, capsys, "--volume", small_volume, "--model", a, "--model",
                                        model_factory("c", folder=tmp_path / "c"), "--method", "single")
-    assert "unknown method" in bad_run(tmp_path, capsys, "--volume", small_volume, "--model", a, "--method", "magic")
+    assert "--method: invalid choice: 'magic' (choose from 'adaptive'" in bad_run(
+        tmp_path, capsys, "--volume", small_volume, "--model", a, "--method", "magic")
 
 
 def test_bad_output_folders_exit_2(tmp_path, capsys, model_factory, small_volume):
