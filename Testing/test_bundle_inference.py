@@ -190,3 +190,18 @@ def test_sliding_windows_pad_only_axes_shorter_than_the_window():
 ])
 def test_network_multiple_from_the_definition(spec, multiple):
     assert network_multiple(spec) == multiple
+
+
+def test_card_inference_settings_round_trip_and_bad_values_name_the_field():
+    from conftest import make_card
+    from entropymerge.errors import UserInputError
+    from entropymerge.modelcard import InferenceSettings, ModelCard
+
+    card = make_card()
+    card.inference = InferenceSettings((48, 48, 32), 0.5, 2, "whole", "constant", "reflect")
+    again = ModelCard.from_json(card.to_json(), "card.json").inference
+    assert (again.inferer, again.roi_size, again.blend_mode, again.padding_mode) == ("whole", (48, 48, 32), "constant", "reflect")
+    data = card.to_json()
+    data["inference"]["inferer"] = "magic"
+    with pytest.raises(UserInputError, match=r"inference.inferer.*sliding_window, whole.*'magic'"):
+        ModelCard.from_json(data, "card.json")
