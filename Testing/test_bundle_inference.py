@@ -99,6 +99,9 @@ def test_sliding_window_inferer_settings_are_read_from_the_config(tmp_path):
     settings = card.inference
     assert (settings.inferer, settings.roi_size, settings.overlap, settings.sw_batch_size) == ("sliding_window", (64, 64, 32), 0.5, 3)
     assert (settings.blend_mode, settings.padding_mode) == ("gaussian", "replicate")
+    (copy / "configs" / "inference.yaml").write_text(config.replace("  mode: gaussian\n  padding_mode: replicate", ""))
+    unset = read_bundle(copy)[0].inference
+    assert (unset.blend_mode, unset.padding_mode) == ("constant", "replicate")  # MONAI's blend; edge values, not zeros
 
 
 def write_phantom(folder, name="64^3"):

@@ -151,7 +151,8 @@ def _transform_arguments(resolver: ConfigResolver, item: dict, item_id: str, nam
 
 def _inference(resolver: ConfigResolver, inputs: dict, notes: list[str]) -> InferenceSettings:
     """The bundle's inferer as settings: SimpleInferer runs on the whole volume; SlidingWindowInferer keeps its
-    ``roi_size``, ``overlap``, ``sw_batch_size``, ``mode`` and ``padding_mode`` (MONAI's defaults where unset)."""
+    ``roi_size``, ``overlap``, ``sw_batch_size``, ``mode`` and ``padding_mode`` (where unset: MONAI's defaults, but
+    edge-value padding)."""
     shape = inputs.get("spatial_shape")
     stated_shape = isinstance(shape, list) and len(shape) == 3 and all(isinstance(s, int) and s > 0 for s in shape)
     fallback_roi = tuple(shape) if stated_shape else DEFAULT_ROI
@@ -165,7 +166,8 @@ def _inference(resolver: ConfigResolver, inputs: dict, notes: list[str]) -> Infe
         roi = argument("roi_size", None)
         if not (isinstance(roi, (list, tuple)) and len(roi) == 3 and all(isinstance(r, int) and r > 0 for r in roi)):
             raise UserInputError(f"{resolver.source}: the SlidingWindowInferer's roi_size must be three positive integers, got {roi!r}")
-        mode, padding = str(argument("mode", "constant")), str(argument("padding_mode", "constant"))
+        # padding: edge values unless the bundle says otherwise (zeros would skew the network's instance norm)
+        mode, padding = str(argument("mode", "constant")), str(argument("padding_mode", "replicate"))
         if mode not in BLEND_MODES or padding not in PADDING_MODES:
             raise UserInputError(f"{resolver.source}: the SlidingWindowInferer's mode {mode!r} or padding_mode {padding!r} is not "
                                  f"supported ({'/'.join(BLEND_MODES)}; {'/'.join(PADDING_MODES)})")
