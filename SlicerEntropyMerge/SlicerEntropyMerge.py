@@ -25,6 +25,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+from entropymerge.methods import METHODS
 from SlicerEntropyMergeLib import cases
 from SlicerEntropyMergeLib.binding import GuiBinding
 from SlicerEntropyMergeLib.dependencies import ensure_dependencies, missing_requirements, package_tools, read_requirements
@@ -82,19 +83,14 @@ def registerSampleData():
         )
 
 
-class Method(enum.Enum):
-    adaptive = "adaptive"
-    mean = "mean"
-    ensemble = "ensemble"
-    single = "single"
-
+class MethodLabel:
     def label(self):
-        return {
-            Method.adaptive: _("entropy-adaptive merge"),
-            Method.mean: _("mean merge"),
-            Method.ensemble: _("ensemble of the site models"),
-            Method.single: _("single site model"),
-        }[self]
+        return _(METHODS[self.value].label)
+
+
+# The engine's merge-method registry (importable without torch) is the one list; the panel offers the methods
+# that need no reference segmentation.
+Method = enum.Enum("Method", [(m.name, m.name) for m in METHODS.values() if not m.needs_reference], type=MethodLabel)
 
 
 class Device(enum.Enum):

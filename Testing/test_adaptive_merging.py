@@ -114,14 +114,22 @@ def test_probe_patches_lie_in_the_body_and_are_spread():
     assert select_probe(inputs, (32, 32, 32), max_patches=3).origins == probe.origins
 
 
-def test_probe_larger_than_the_volume_is_clamped_with_a_note():
+def test_probe_larger_than_the_volume_shrinks_to_the_volume_rounded_up_to_the_network_multiple():
     inputs = torch.rand(1, 1, 20, 40, 40)
-    probe = select_probe(inputs, (32, 32, 32), max_patches=50)
-    assert probe.patches.shape[2:] == (32, 32, 32)
-    assert any("larger than the volume" in note for note in probe.notes)
+    probe = select_probe(inputs, (64, 32, 32), max_patches=50, multiple=(8, 8, 8))
+    assert probe.patches.shape[2:] == (24, 32, 32)  # 20 -> 24: padded by 4 edge voxels, not up to 64
+    assert torch.equal(probe.patches[0, 0, 20:], probe.patches[0, 0, 19:20].expand(4, 32, 32))
     assert any("holds only" in note and "instead of 50" in note for note in probe.notes)
-    whole = select_probe(inputs, (32, 32, 32), mode="whole")
+    assert not any("rounded" in note for note in probe.notes)
+    whole = select_probe(inputs, (32, 32, 32), mode="whole", multiple=(16, 16, 16))
     assert whole.patches.shape == (1, 1, 16, 32, 32)
+
+
+def test_a_probe_size_the_network_cannot_take_is_rounded_up_with_a_note():
+    inputs = torch.rand(1, 1, 64, 64, 64)
+    probe = select_probe(inputs, (30, 30, 20), max_patches=2, multiple=(8, 8, 8))
+    assert probe.patches.shape[2:] == (32, 32, 24)
+    assert any("(30, 30, 20) rounded up to (32, 32, 24)" in note and "(8, 8, 8)" in note for note in probe.notes)
 
 
 def test_body_mask_handles_bright_backgrounds():

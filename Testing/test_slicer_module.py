@@ -37,6 +37,8 @@ def parameter_fields() -> dict[str, str]:
     tree = ast.parse(SOURCE)
     enums = {node.name for node in tree.body if isinstance(node, ast.ClassDef)
              and any(getattr(base, "attr", getattr(base, "id", "")) == "Enum" for base in node.bases)}
+    enums |= {node.targets[0].id for node in tree.body if isinstance(node, ast.Assign)  # Name = enum.Enum(...)
+              and isinstance(node.value, ast.Call) and ast.unparse(node.value.func) == "enum.Enum"}
     wrapper = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name.endswith("ParameterNode"))
     fields = {}
     for statement in wrapper.body:
@@ -99,10 +101,11 @@ def test_module_load_needs_none_of_the_packages_it_installs_later():
     code = (f"import sys; sys.modules.update(dict.fromkeys({blocked!r}));"
             "import SlicerEntropyMergeLib.job, SlicerEntropyMergeLib.cases, SlicerEntropyMergeLib.engine;"
             "from entropymerge.sampledata import bundled_targets, bundled_models;"
-            "print(len(bundled_targets()), bundled_models().name)")
+            "from entropymerge.methods import METHODS;"
+            "print(len(bundled_targets()), bundled_models().name, len(METHODS))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=MODULE, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["2", "dropgen"]
+    assert result.stdout.split() == ["2", "dropgen", "6"]
 
 
 def test_sample_registration_at_slicer_start_imports_only_the_standard_library():
@@ -132,3 +135,32 @@ def test_the_help_links_to_the_extension_documentation_and_the_self_test_is_regi
     extension = (REPOSITORY / "CMakeLists.txt").read_text(encoding="utf-8")
     screenshot = re.search(r'set\(EXTENSION_SCREENSHOTURLS "(.+?)"\)', extension).group(1)
     assert screenshot.endswith("/main/Resources/Screenshots/report.png") and (REPOSITORY / "Resources/Screenshots/report.png").is_file()
+
+
+def module_method_enum(methods: dict):
+    """The module's ``Method`` enum, built by the module's own statements (its label mixin and the enum line)
+    against ``methods``; ``_`` (Slicer's translation) is the identity here."""
+    import enum
+
+    tree = ast.parse(SOURCE)
+    wanted = [node for node in tree.body if (isinstance(node, ast.ClassDef) and node.name == "MethodLabel")
+              or (isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "Method")]
+    assert len(wanted) == 2, "the module builds its Method enum from the registry with a MethodLabel mixin"
+    namespace = {"enum": enum, "METHODS": methods, "_": lambda text: text}
+    exec(compile(ast.Module(body=wanted, type_ignores=[]), "SlicerEntropyMerge.py", "exec"), namespace)
+    return namespace["Method"]
+
+
+def test_the_module_method_list_is_the_engine_registry():
+    from entropymerge.methods import METHODS, MergeMethod, register, unregister
+
+    method = module_method_enum(METHODS)
+    assert [m.value for m in method] == [m.name for m in METHODS.values() if not m.needs_reference]
+    assert [m.value for m in method] == ["adaptive", "mean", "ensemble", "single", "select"]
+    assert method.adaptive.label() == "entropy-adaptive merge"
+    register(MergeMethod("registry-test", "registry test method", "test", combine="average"))
+    try:
+        assert module_method_enum(METHODS)["registry-test"].label() == "registry test method"
+    finally:
+        unregister("registry-test")
+    assert "from entropymerge.methods import METHODS" in SOURCE

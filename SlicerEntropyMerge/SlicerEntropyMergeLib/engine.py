@@ -18,7 +18,6 @@ from . import tr as _
 from .process import EngineProcess
 
 ENGINE_FOLDER = Path(__file__).resolve().parents[1]  # the folder that holds the entropymerge package
-METHODS = ("adaptive", "mean", "ensemble", "single")
 ADAPTATIONS = ("none", "tent", "dsbr")
 
 
@@ -76,8 +75,8 @@ class RunRequest:
 
 
 def models_needed(method: str, rank: bool) -> int:
-    """How many site models a run needs: one for ``single``, two to merge, ensemble or rank."""
-    return 2 if method != "single" or rank else 1
+    """How many site models a run needs: two to rank; otherwise one (with one model every method is that model)."""
+    return 2 if rank else 1
 
 
 def parse_roi_size(text: str) -> tuple[int, int, int] | None:

@@ -7,7 +7,7 @@ import inspect
 from pathlib import Path
 
 from .errors import UserInputError
-from .modelcard import InferenceSettings, ModelCard, Preprocessing, default_labels
+from .modelcard import BLEND_MODES, PADDING_MODES, InferenceSettings, ModelCard, Preprocessing, default_labels
 from .safeconfig import DICT_ONLY_ARGUMENTS, INTENSITY_TRANSFORMS, LOADING_TRANSFORMS, SPATIAL_TRANSFORMS, ConfigResolver, array_transform_name
 from .validation import inside_folder, read_config
 
@@ -63,7 +63,7 @@ def read_bundle(root: Path, trust_code: bool = False) -> tuple[ModelCard, Path, 
 def _card(root: Path, metadata: dict, resolver: ConfigResolver, network: dict, weights: Path, notes: list[str]) -> ModelCard:
     inputs, outputs = _data_format(metadata)
     return ModelCard(
-        name=str(metadata.get("name") or root.name),
+        name=str(metadata.get("name") or "").strip() or root.name,
         site=None,
         description=str(metadata.get("description") or ""),
         labels=default_labels(_channel_names(outputs, network)),
@@ -151,16 +151,33 @@ def _transform_arguments(resolver: ConfigResolver, item: dict, item_id: str, nam
 
 
 def _inference(resolver: ConfigResolver, inputs: dict, notes: list[str]) -> InferenceSettings:
-    if resolver.has("inferer"):
-        inferer = resolver.raw("inferer")
-        if isinstance(inferer, dict) and str(inferer.get("_target_", "")).endswith("SlidingWindowInferer"):
-            roi = resolver.resolve("inferer::roi_size")
-            overlap = resolver.resolve("inferer::overlap") if "overlap" in inferer else 0.25
-            batch = resolver.resolve("inferer::sw_batch_size") if "sw_batch_size" in inferer else 1
-            return InferenceSettings(tuple(int(r) for r in roi), float(overlap), int(batch))
+    """The bundle's inferer as settings: SimpleInferer runs on the whole volume; SlidingWindowInferer keeps its
+    ``roi_size``, ``overlap``, ``sw_batch_size``, ``mode`` and ``padding_mode`` (where unset: MONAI's defaults, but
+    edge-value padding)."""
     shape = inputs.get("spatial_shape")
-    if isinstance(shape, list) and len(shape) == 3 and all(isinstance(s, int) and s > 0 for s in shape):
-        return InferenceSettings(tuple(shape))
-    notes.append(f"the bundle states no input size; using a {DEFAULT_ROI} sliding window")
-    return InferenceSettings(DEFAULT_ROI)
+    stated_shape = isinstance(shape, list) and len(shape) == 3 and all(isinstance(s, int) and s > 0 for s in shape)
+    fallback_roi = tuple(shape) if stated_shape else DEFAULT_ROI
+    inferer = resolver.raw("inferer") if resolver.has("inferer") else None
+    target = str(inferer.get("_target_", "")) if isinstance(inferer, dict) else str(inferer or "")
+    kind = target.rsplit(".", 1)[-1]
+    if isinstance(inferer, dict) and kind in ("SlidingWindowInferer", "SlidingWindowInfererAdapt"):
+        def argument(key, default):
+            return resolver.resolve(f"inferer::{key}") if key in inferer else default
 
+        roi = argument("roi_size", None)
+        if not (isinstance(roi, (list, tuple)) and len(roi) == 3 and all(isinstance(r, int) and r > 0 for r in roi)):
+            raise UserInputError(f"{resolver.source}: the SlidingWindowInferer's roi_size must be three positive integers, got {roi!r}")
+        # padding: edge values unless the bundle says otherwise (zeros would skew the network's instance norm)
+        mode, padding = str(argument("mode", "constant")), str(argument("padding_mode", "replicate"))
+        if mode not in BLEND_MODES or padding not in PADDING_MODES:
+            raise UserInputError(f"{resolver.source}: the SlidingWindowInferer's mode {mode!r} or padding_mode {padding!r} is not "
+                                 f"supported ({'/'.join(BLEND_MODES)}; {'/'.join(PADDING_MODES)})")
+        return InferenceSettings(tuple(roi), float(argument("overlap", 0.25)), int(argument("sw_batch_size", 1)),
+                                 "sliding_window", mode, padding)
+    if isinstance(inferer, dict) and kind == "SimpleInferer":
+        return InferenceSettings(fallback_roi, inferer="whole")
+    if target:
+        notes.append(f"inferer {target!r} is not understood; using sliding windows of {fallback_roi}")
+    elif not stated_shape:
+        notes.append(f"the bundle states no inferer and no input size; using a {DEFAULT_ROI} sliding window")
+    return InferenceSettings(fallback_roi)

@@ -127,10 +127,12 @@ def build_parser() -> ArgumentParser:
 
 def add_method_options(parser: argparse.ArgumentParser) -> None:
     from .merging import STATISTICS
-    from .pipeline import DEFAULT_TEMPERATURE, METHODS
+    from .methods import METHODS
+    from .pipeline import DEFAULT_TEMPERATURE
 
     method = parser.add_argument_group("merging")
-    method.add_argument("--method", default="adaptive", help=f"{' | '.join(METHODS)} (default: adaptive)")
+    method.add_argument("--method", default="adaptive", choices=tuple(METHODS),
+                        help="; ".join(f"{m.name}: {m.description}" for m in METHODS.values()))
     method.add_argument("--single-model", help="with --method single: name or index of the model to use")
     method.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="tau of alpha = softmax(-H / tau)")
     method.add_argument("--head-temperature", type=float, help="tau of the head coefficients beta (default: --temperature)")
@@ -142,7 +144,8 @@ def add_method_options(parser: argparse.ArgumentParser) -> None:
                         help="ROI patches over the body, or the whole volume at half resolution")
     method.add_argument("--probe-patches", type=positive_int, default=8, help="how many probe patches (default 8)")
     method.add_argument("--probe-size", type=positive_int, nargs=3, metavar=("X", "Y", "Z"),
-                        help="probe patch size in voxels (default: half the ROI, a multiple of 16)")
+                        help="probe patch size in voxels (default: half the ROI, a multiple of 16); rounded up to the "
+                             "network's stride multiple and shrunk to the volume")
     features = parser.add_argument_group("stable features")
     features.add_argument("--features", choices=("mind-ssc", "anatomix", "none"), help="must match the model card (default: what it says)")
     features.add_argument("--anatomix-weights", type=Path, help="path of anatomix.pth")
@@ -166,7 +169,9 @@ def add_ranking_options(parser: argparse.ArgumentParser, with_switch: bool) -> N
 
 def add_common_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (GPU when available) | cpu | cuda | cuda:N")
-    parser.add_argument("--roi-size", type=positive_int, nargs=3, metavar=("X", "Y", "Z"), help="sliding-window size (default: model card)")
+    parser.add_argument("--roi-size", type=positive_int, nargs=3, metavar=("X", "Y", "Z"),
+                        help="run in sliding windows of this size (default: the model card's or bundle's inferer); "
+                             "rounded up to the network's stride multiple, shrunk to the volume")
     parser.add_argument("--overlap", type=float, help="sliding-window overlap in [0, 1) (default: model card)")
     parser.add_argument("--sw-batch-size", type=positive_int, help="windows per forward pass (default: model card)")
     parser.add_argument("--probabilities", action="store_true", help="also write one probability map per class")

@@ -8,14 +8,13 @@ the probe it needs, excluding the shared reading and feature stages.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-
-import numpy as np
+from dataclasses import dataclass, field, replace
 
 from .entropy import probe_statistics
 from .inference import Segmentation
-from .merging import AdaptiveSettings, MergePlan, adaptive_plan, mean_coefficients, one_hot, probe_batch_size, select_probe, site_scores
-from .pipeline import Case, default_probe_size, site_probe_outputs
+from .merging import AdaptiveSettings, MergePlan, one_hot, probe_batch_size
+from .methods import METHODS, MergeMethod, PlanContext
+from .pipeline import Case, site_probe_outputs
 from .progress import Progress
 
 
@@ -74,7 +73,7 @@ def compare_methods(
         comparison.results.append(MethodResult(key, label, segmentation, seconds, case.evaluate(segmentation.labels), coefficients))
 
     progress.update(0.0, "probe passes")
-    probe, probe_seconds = _timed(lambda: select_probe(case.inputs, probe_size or default_probe_size(case.settings.roi_size), probe_patches))
+    probe, probe_seconds = _timed(lambda: case.select_probe(probe_size, probe_patches))
     (outputs, _), pass_seconds = _timed(lambda: site_probe_outputs(case, probe, Progress()))
     probe_seconds += pass_seconds
     comparison.probe = probe.describe()
@@ -88,42 +87,45 @@ def compare_methods(
         ensemble_sum = probabilities if ensemble_sum is None else ensemble_sum + probabilities
         site_seconds.append(seconds)
         finish(f"site:{model.name}", f"site model {model.name}", probabilities, seconds, named(one_hot(index, len(models))))
-    finish("ensemble", f"ensemble (mean of {len(models)} softmax outputs)", ensemble_sum / len(models), sum(site_seconds))
-    del ensemble_sum
+    context = PlanContext(models, settings, case.device, probe=probe, outputs=outputs, batch_size=batch)
 
-    def merged(plan_function, key, label):
+    def merged(method: MergeMethod, key: str, plan_function, label: str | None = None):
+        """The plan's merged model on the volume; a one-hot plan reuses that site model's result (no new pass)."""
         plan, plan_seconds = _timed(plan_function)
-        network, merge_seconds = _timed(lambda: plan.network(models))
-        probabilities, seconds = _timed(lambda: case.probabilities(network))
+        spent = plan_seconds + (probe_seconds if method.uses_probe else 0.0)
         coefficients = {"body": named(plan.body)}
         if plan.head is not None:
             coefficients["head"] = named(plan.head)
-        finish(key, label, probabilities, plan_seconds + merge_seconds + seconds + (probe_seconds if key.startswith("adaptive") else 0),
-               coefficients)
+        chosen = [i for i, c in enumerate(plan.body) if c == 1.0]
+        if chosen and plan.head is None:
+            site = comparison.get(f"site:{names[chosen[0]]}")
+            comparison.results.append(MethodResult(key, label or f"{method.label} ({names[chosen[0]]})", site.segmentation,
+                                                   spent + site_seconds[chosen[0]], site.evaluation, coefficients))
+            return
+        network, merge_seconds = _timed(lambda: plan.network(models))
+        probabilities, seconds = _timed(lambda: case.probabilities(network))
+        head = " (decoupled head)" if plan.head is not None else ""
+        finish(key, label or f"{method.label}{head}", probabilities, spent + merge_seconds + seconds, coefficients)
 
-    progress.update((len(models) + 1) / (len(models) + 4), "mean merge")
-    merged(lambda: MergePlan("mean", mean_coefficients(models)), "mean", "mean merge (uniform weights)")
-    progress.update((len(models) + 2) / (len(models) + 4), "entropy-adaptive merge")
-    merged(lambda: adaptive_plan(models, probe, outputs, settings, case.device, batch), "adaptive",
-           "entropy-adaptive merge (decoupled head)")
-    coupled = AdaptiveSettings(**{**settings.__dict__, "decouple_head": False})
-    merged(lambda: adaptive_plan(models, probe, outputs, coupled, case.device, batch), "adaptive-coupled",
-           "entropy-adaptive merge (head not decoupled)")
-
-    for name, variant in (variants or {}).items():
-        merged(lambda variant=variant: adaptive_plan(models, probe, outputs, variant, case.device, batch), f"adaptive:{name}",
-               f"entropy-adaptive merge [{name}]")
-
-    scores = site_scores(probe_statistics(outputs), settings.statistic)
-    chosen = int(np.argmin(scores))
-    chosen_result = comparison.get(f"site:{names[chosen]}")
-    comparison.results.append(MethodResult("select", f"entropy-selected model ({names[chosen]})", chosen_result.segmentation,
-                                           probe_seconds + site_seconds[chosen], chosen_result.evaluation, named(one_hot(chosen, len(models)))))
-    if case.reference is not None:
-        singles = [comparison.get(f"site:{n}") for n in names]
-        best = max(range(len(models)), key=lambda i: singles[i].mean_dice or 0.0)
-        comparison.results.append(MethodResult("oracle", f"oracle best single ({names[best]})", singles[best].segmentation,
-                                               site_seconds[best], singles[best].evaluation, named(one_hot(best, len(models)))))
+    compared = [method for method in METHODS.values() if method.compared]
+    for step, method in enumerate(compared):
+        progress.update((len(models) + step + 1) / (len(models) + len(compared) + 1), method.label)
+        if method.combine == "average":
+            finish(method.name, f"{method.label} (mean of {len(models)} softmax outputs)", ensemble_sum / len(models),
+                   sum(site_seconds))
+        elif method.combine == "best":
+            if case.reference is not None:
+                best = max(range(len(models)), key=lambda i: comparison.get(f"site:{names[i]}").mean_dice or 0.0)
+                merged(method, method.name, lambda best=best: MergePlan(method.name, one_hot(best, len(models))))
+        else:
+            merged(method, method.name, lambda method=method: method.plan(context))
+        if method.name == "adaptive":
+            coupled = replace(context, settings=replace(settings, decouple_head=False))
+            merged(method, "adaptive-coupled", lambda: method.plan(coupled), f"{method.label} (head not decoupled)")
+            for name, variant in (variants or {}).items():
+                merged(method, f"adaptive:{name}", lambda variant=variant: method.plan(replace(context, settings=variant)),
+                       f"{method.label} [{name}]")
+    del ensemble_sum
     progress.update(1.0, "methods compared")
     return comparison
 

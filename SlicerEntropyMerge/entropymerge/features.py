@@ -46,14 +46,22 @@ def instance_normalize(features: torch.Tensor, eps: float = 1e-5) -> torch.Tenso
     return (features - mean) / (std + eps)
 
 
-def pad_to_multiple(volume: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[slice, ...]]:
-    """Pad the spatial dims of (N, C, X, Y, Z) at their far ends to a multiple; returns the crop back."""
+def pad_to_multiple(volume: torch.Tensor, multiple, mode: str = "replicate") -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """Pad the spatial dims of (N, C, X, Y, Z) at their far ends to a multiple (one int, or one per axis) with
+    edge values (or another ``torch.nn.functional.pad`` mode); returns the padded volume and the crop back."""
     sizes = volume.shape[2:]
-    extra = [(-size) % multiple for size in sizes]
+    multiples = multiple if isinstance(multiple, (tuple, list)) else (multiple,) * len(sizes)
+    return pad_far_ends(volume, [(-size) % m for size, m in zip(sizes, multiples)], mode)
+
+
+def pad_far_ends(volume: torch.Tensor, extra, mode: str = "replicate") -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """Pad each spatial dim of (N, C, X, Y, Z) by ``extra`` voxels at its far end; returns the padded volume and the
+    crop back."""
+    sizes = volume.shape[2:]
     if not any(extra):
         return volume, (slice(None),) * volume.ndim
-    padding = [amount for e in reversed(extra) for amount in (0, e)]
-    padded = F.pad(volume, padding, mode="replicate")
+    padding = [amount for e in reversed(extra) for amount in (0, int(e))]
+    padded = F.pad(volume, padding, mode=mode)
     return padded, (slice(None), slice(None), *(slice(0, size) for size in sizes))
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -13,6 +13,7 @@ from monai.inferers import sliding_window_inference
 
 from .entropy import normalized_entropy, predicted_labels
 from .errors import UserInputError
+from .features import pad_far_ends, pad_to_multiple
 from .modelcard import InferenceSettings
 from .preprocessing import ModelSpaceImage, to_input_grid
 
@@ -56,6 +57,54 @@ def window_count(spatial_shape, roi_size, overlap: float) -> int:
     return total
 
 
+def round_up(size: int, multiple: int) -> int:
+    return -(-int(size) // int(multiple)) * int(multiple)
+
+
+# Downsampling factor of MONAI networks whose factor is fixed by design (the others are computed from their strides).
+FIXED_MULTIPLES = {"BasicUNet": 16, "BasicUnet": 16, "Basicunet": 16, "BasicUNetPlusPlus": 16, "SwinUNETR": 32,
+                   "FlexibleUNet": 32, "UNETR": 16}
+
+
+def network_multiple(spec: dict | None) -> tuple[int, int, int]:
+    """Per-axis factor that every input size must be a multiple of, from a MONAI network definition
+    (the product of the strides for UNet-like networks); 1 where the network is not known."""
+    if not isinstance(spec, dict):
+        return (1, 1, 1)
+    name = str(spec.get("_target_", "")).rsplit(".", 1)[-1]
+    if name in FIXED_MULTIPLES:
+        return (FIXED_MULTIPLES[name],) * 3
+    if name == "SegResNet":
+        levels = len(spec.get("blocks_down") or (1, 2, 2, 4))
+        return (2 ** (levels - 1),) * 3
+    strides = spec.get("strides")
+    if name in ("UNet", "Unet", "AttentionUnet", "DynUNet", "DynUnet") and isinstance(strides, (list, tuple)):
+        factor = [1, 1, 1]
+        for stride in strides:
+            per_axis = stride if isinstance(stride, (list, tuple)) else (stride,) * 3
+            factor = [f * int(s) for f, s in zip(factor, per_axis)]
+        return tuple(factor)
+    return (1, 1, 1)
+
+
+def fit_window(size: Sequence[int], spatial_shape: Sequence[int], multiple: Sequence[int], what: str,
+               notes: list[str]) -> tuple[int, int, int]:
+    """A window size (voxels per axis) that the network can take and that is no larger than it needs to be for
+    the volume: rounded up to the network's ``multiple`` (with a note), then shrunk to the volume's size rounded
+    up to that multiple. ``what`` names the window in the note (e.g. "--roi-size")."""
+    size = tuple(int(s) for s in size)
+    rounded = tuple(round_up(s, m) for s, m in zip(size, multiple))
+    if rounded != size:
+        notes.append(f"{what} {size} rounded up to {rounded}: the network needs sizes that are multiples of {tuple(multiple)}")
+    return tuple(min(r, round_up(s, m)) for r, s, m in zip(rounded, spatial_shape, multiple))
+
+
+def fit_to_volume(settings: InferenceSettings, spatial_shape: Sequence[int], notes: list[str],
+                  what: str = "the sliding-window ROI") -> InferenceSettings:
+    """``settings`` with the ROI fitted to this volume and this network (see ``fit_window``)."""
+    return replace(settings, roi_size=fit_window(settings.roi_size, spatial_shape, settings.spatial_multiple, what, notes))
+
+
 def autocast(device: torch.device):
     """Mixed precision on CUDA (bfloat16 where supported); full precision on CPU."""
     if device.type != "cuda":
@@ -69,6 +118,38 @@ class InferenceReport:
     device: str
     notes: list[str]
 
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+
+
+# Bytes per voxel and per full-resolution feature channel that a whole-volume forward pass holds at its peak
+# (a MONAI UNet on the CPU measured ~18; rounded up for other networks and allocator slack).
+WHOLE_VOLUME_BYTES_PER_VOXEL_CHANNEL = 24
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Free memory (bytes) on ``device``; None when it cannot be told."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().available)
+
+
+def whole_volume_bytes(network: torch.nn.Module, spatial_shape: Sequence[int]) -> int:
+    """Estimated peak memory of one forward pass over the whole volume: voxels x the first layer's width."""
+    first = next((m for m in network.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)), None)
+    width = int(first.out_channels) if first is not None else 32
+    return int(np.prod(spatial_shape)) * width * WHOLE_VOLUME_BYTES_PER_VOXEL_CHANNEL
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and any(text in str(error) for text in ("can't allocate memory", "not enough memory")))
+
 
 def predict_logits(
     network: torch.nn.Module,
@@ -78,11 +159,37 @@ def predict_logits(
     progress: ProgressCallback | None = None,
     report: InferenceReport | None = None,
 ) -> torch.Tensor:
-    """Sliding-window logits of ``network`` over ``inputs`` (1, C_in, X, Y, Z); returns (1, C, X, Y, Z) on CPU.
+    """Logits of ``network`` over ``inputs`` (1, C_in, X, Y, Z); returns (1, C, X, Y, Z) on the CPU.
 
-    On a CUDA out-of-memory error it retries with one window at a time and CPU stitching, then on
-    the CPU, and notes each fallback in ``report``.
+    The volume is padded (``settings.padding_mode``, edge values by default) only as far as the
+    network needs: for a whole-volume pass (``inferer="whole"``) up to the next multiple of its
+    ``spatial_multiple``; for sliding windows of ``settings.roi_size`` (fitted with
+    ``fit_to_volume``) only along axes shorter than the window.
+    A whole-volume pass that would not fit in memory runs in sliding windows instead; on a CUDA
+    out-of-memory error it retries with one window at a time and CPU stitching, then on the CPU.
+    Each fallback is noted in ``report``.
     """
+    report = report if report is not None else InferenceReport(str(device), [])
+    if settings.inferer != "whole":  # full windows need no padding; only an axis shorter than the window does
+        extra = [max(roi - size, 0) for roi, size in zip(settings.roi_size, inputs.shape[2:])]
+        padded, crop = pad_far_ends(inputs, extra, settings.padding_mode)
+        return _windows_with_fallbacks(network, padded, settings, device, progress, report)[crop]
+    padded, crop = pad_to_multiple(inputs, settings.spatial_multiple, settings.padding_mode)
+    needed, free = whole_volume_bytes(network, padded.shape[2:]), available_memory(device)
+    if free is None or needed <= free // 2:
+        try:
+            return _checked_forward(network, padded, device, progress)[crop].cpu()
+        except (torch.OutOfMemoryError, RuntimeError) as error:
+            if not is_out_of_memory(error):
+                raise
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    report.note(f"the whole volume {tuple(padded.shape[2:])} does not fit in {device.type} memory at once; "
+                f"running sliding windows of {settings.roi_size} instead")
+    return _windows_with_fallbacks(network, padded, settings, device, progress, report)[crop]
+
+
+def _windows_with_fallbacks(network, inputs, settings, device, progress, report) -> torch.Tensor:
     attempts = [(device, settings.sw_batch_size, device)]
     if device.type == "cuda":
         attempts += [(device, 1, torch.device("cpu")), (torch.device("cpu"), settings.sw_batch_size, torch.device("cpu"))]
@@ -94,14 +201,28 @@ def predict_logits(
                 raise
             torch.cuda.empty_cache()
             next_device, next_batch, next_stitch = attempts[attempt + 1]
-            note = (
-                f"GPU out of memory; retrying on {next_device} with {next_batch} window(s) per batch, "
-                f"stitching on {next_stitch}"
-            )
-            if report is not None:
-                report.notes.append(note)
-                report.device = str(next_device)
+            report.note(f"GPU out of memory; retrying on {next_device} with {next_batch} window(s) per batch, "
+                        f"stitching on {next_stitch}")
+            report.device = str(next_device)
     raise AssertionError("unreachable")
+
+
+def _checked_forward(network: torch.nn.Module, inputs: torch.Tensor, device: torch.device, progress=None) -> torch.Tensor:
+    """One forward pass with mixed precision on CUDA; a size the network cannot take is a user error, not a traceback."""
+    network = network.to(device)
+    try:
+        with torch.inference_mode(), autocast(device):
+            logits = network(inputs.to(device)).float()
+    except RuntimeError as error:
+        if "Sizes of tensors must match" not in str(error):
+            raise
+        raise UserInputError(
+            f"the network cannot take an input of {tuple(inputs.shape[2:])} voxels ({str(error).splitlines()[0]}); "
+            "give a window size (--roi-size, --probe-size) that is a multiple of its total downsampling factor"
+        ) from None
+    if progress:
+        progress(1.0)
+    return logits
 
 
 def _sliding_window(network, inputs, settings, device, batch, stitch_device, progress) -> torch.Tensor:
@@ -111,12 +232,11 @@ def _sliding_window(network, inputs, settings, device, batch, stitch_device, pro
 
     def predictor(window: torch.Tensor) -> torch.Tensor:
         nonlocal done
-        with autocast(device):
-            logits = network(window.to(device))
+        logits = _checked_forward(network, window, device)
         done += 1
         if progress:
             progress(min(done / total, 1.0))
-        return logits.float()
+        return logits
 
     with torch.inference_mode():
         logits = sliding_window_inference(
@@ -125,8 +245,8 @@ def _sliding_window(network, inputs, settings, device, batch, stitch_device, pro
             sw_batch_size=batch,
             predictor=predictor,
             overlap=settings.overlap,
-            mode="gaussian",
-            padding_mode="constant",
+            mode=settings.blend_mode,
+            padding_mode=settings.padding_mode,
             sw_device=device,
             device=stitch_device,
         )

@@ -17,6 +17,7 @@ import torch
 from .entropy import probe_statistics
 from .errors import UserInputError
 from .features import pad_to_multiple
+from .inference import fit_window
 from .models import SiteModel
 
 
@@ -134,26 +135,27 @@ def body_mask(image: torch.Tensor) -> torch.Tensor:
     return (image - background).abs() > 0.1 * max(high - low, 1e-6)
 
 
-def select_probe(inputs: torch.Tensor, patch_size, max_patches: int = 4, mode: str = "patches") -> Probe:
+def select_probe(inputs: torch.Tensor, patch_size, max_patches: int = 4, mode: str = "patches",
+                 multiple=(16, 16, 16)) -> Probe:
     """Choose the probe from the model input (1, C_in, X, Y, Z), deterministically.
 
-    ``patches``: up to ``max_patches`` ROI-sized patches that cover the body (most body voxels
-    first, then as far apart as possible). ``whole``: the whole volume at half resolution, padded
-    to a multiple of 16.
+    ``patches``: up to ``max_patches`` patches that cover the body (most body voxels first, then as
+    far apart as possible); the patch size is rounded up to the network's size ``multiple`` (with a
+    note) and shrunk to the volume rounded up to it, so the volume is padded (edge values) by less
+    than one multiple at most. ``whole``: the whole volume at half resolution, padded to the multiple.
     """
     notes: list[str] = []
     if mode == "whole":
         half = torch.nn.functional.interpolate(inputs.float(), scale_factor=0.5, mode="trilinear", align_corners=False)
-        padded, _ = pad_to_multiple(half, 16)
+        padded, _ = pad_to_multiple(half, tuple(multiple))
         return Probe(padded, [(0, 0, 0)], "whole", notes)
     if mode != "patches":
         raise UserInputError(f"unknown probe mode {mode!r}; use patches or whole")
     if max_patches < 1:
         raise UserInputError(f"--probe-patches must be at least 1, got {max_patches}")
     spatial = inputs.shape[2:]
-    size = [int(s) for s in patch_size]
+    size = list(fit_window(patch_size, spatial, multiple, "the probe patch size", notes))
     if any(p > s for p, s in zip(size, spatial)):
-        notes.append(f"probe patch {tuple(size)} is larger than the volume {tuple(spatial)}; the volume is padded to fit")
         pads = [max(p - s, 0) for p, s in zip(size, spatial)]
         inputs = torch.nn.functional.pad(inputs, [a for pad in reversed(pads) for a in (0, pad)], mode="replicate")
         spatial = inputs.shape[2:]

@@ -63,11 +63,24 @@ class Preprocessing:
         }
 
 
+INFERERS = ("sliding_window", "whole")
+BLEND_MODES = ("gaussian", "constant")
+PADDING_MODES = ("replicate", "reflect", "constant", "circular")
+
+
 @dataclass(frozen=True)
 class InferenceSettings:
+    """How a network runs over a volume: in sliding windows of ``roi_size`` (voxels), or on the whole
+    volume at once (``inferer="whole"``, a bundle's SimpleInferer; ``roi_size`` is then the fallback
+    window when the whole volume does not fit in memory)."""
+
     roi_size: tuple[int, int, int]
     overlap: float = 0.25
     sw_batch_size: int = 1
+    inferer: str = "sliding_window"
+    blend_mode: str = "gaussian"  # how overlapping windows are weighted (MONAI's ``mode``)
+    padding_mode: str = "replicate"  # how the volume is padded up to the size the network needs
+    spatial_multiple: tuple[int, int, int] = (1, 1, 1)  # from the network's strides, not stored in the card
 
 
 @dataclass
@@ -115,6 +128,9 @@ class ModelCard:
                 "roi_size": list(self.inference.roi_size),
                 "overlap": self.inference.overlap,
                 "sw_batch_size": self.inference.sw_batch_size,
+                "inferer": self.inference.inferer,
+                "mode": self.inference.blend_mode,
+                "padding_mode": self.inference.padding_mode,
             },
             "head": list(self.head) if self.head else None,
             "feature_taps": dict(self.feature_taps),
@@ -301,4 +317,9 @@ def _inference(raw, check: _Checker) -> InferenceSettings:
     check.that(isinstance(overlap, (int, float)) and 0 <= overlap < 1, "inference.overlap", f"must be in [0, 1), got {overlap!r}")
     batch = raw.get("sw_batch_size", 1)
     check.that(isinstance(batch, int) and batch > 0, "inference.sw_batch_size", f"must be a positive integer, got {batch!r}")
-    return InferenceSettings(tuple(roi), float(overlap), batch)
+    choices = {}
+    for key, allowed, default in (("inferer", INFERERS, "sliding_window"), ("mode", BLEND_MODES, "gaussian"),
+                                  ("padding_mode", PADDING_MODES, "replicate")):
+        choices[key] = raw.get(key, default)
+        check.that(choices[key] in allowed, f"inference.{key}", f"must be one of {', '.join(allowed)}, got {choices[key]!r}")
+    return InferenceSettings(tuple(roi), float(overlap), batch, choices["inferer"], choices["mode"], choices["padding_mode"])

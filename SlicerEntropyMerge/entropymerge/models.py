@@ -22,6 +22,7 @@ import torch
 from .bundle import is_bundle, read_bundle
 from .errors import CodeExecutionRefused, UserInputError
 from .modelcard import ModelCard, is_model_card_file
+from .outputs import safe_file_stem
 from .safeconfig import build_network
 from .validation import inside_folder, no_network, regular_file
 
@@ -233,16 +234,29 @@ def model_files(path: Path) -> list[Path]:
 def load_site_models(paths: list[str | Path], trust_code: bool = False) -> list[SiteModel]:
     """Load every site model (folders expanded), giving each a unique display name."""
     models = [load_site_model(path, trust_code) for path in expand_model_paths(paths)]
-    seen: dict[str, int] = {}
-    for model in models:
-        _make_name_unique(model, seen)
+    for model, name in zip(models, unique_names([m.name for m in models])):
+        model.name = name
     return models
 
 
-def _make_name_unique(model: SiteModel, seen: dict[str, int]) -> None:
-    seen[model.name] = seen.get(model.name, 0) + 1
-    if seen[model.name] > 1:
-        model.name = f"{model.name}-{seen[model.name]}"
+def unique_names(names: list[str]) -> list[str]:
+    """``names`` made unique, in order: a repeated name gets ``-2``, ``-3``, ... skipping any name that is taken or
+    that another model brings. Names that differ only in case or in characters a file name cannot hold count as
+    the same (per-model output files are named after the model)."""
+    def key(name: str) -> str:
+        return safe_file_stem(name).lower()
+
+    brought = {key(name) for name in names}
+    taken: set[str] = set()
+    unique = []
+    for name in names:
+        candidate, number = name, 1
+        while key(candidate) in taken or (candidate != name and key(candidate) in brought):
+            number += 1
+            candidate = f"{name}-{number}"
+        taken.add(key(candidate))
+        unique.append(candidate)
+    return unique
 
 
 def describe_models(paths: list[str | Path], trust_code: bool = False) -> list[dict]:
@@ -256,7 +270,6 @@ def describe_models(paths: list[str | Path], trust_code: bool = False) -> list[d
     entries: list[dict] = []
     first: SiteModel | None = None
     reference: dict = {}
-    seen: dict[str, int] = {}
     for given in map(Path, paths):
         try:
             sources = expand_model_paths([given])
@@ -269,7 +282,6 @@ def describe_models(paths: list[str | Path], trust_code: bool = False) -> list[d
             except UserInputError as error:
                 entries.append({"source": str(source), "name": source.stem, "compatible": False, "problem": str(error)})
                 continue
-            _make_name_unique(model, seen)
             problem = None
             if first is None:
                 first, reference = model, {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -281,6 +293,8 @@ def describe_models(paths: list[str | Path], trust_code: bool = False) -> list[d
                 "labels": [{"value": l.value, "name": l.name, "color": l.color} for l in model.card.labels],
                 "compatible": problem is None, "problem": problem,
             })
+    for entry, name in zip(entries, unique_names([entry["name"] for entry in entries])):
+        entry["name"] = name
     return entries
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import platform
 import time
 from dataclasses import dataclass, field, replace
@@ -22,14 +23,21 @@ from .adaptation import AdaptationSettings, adapt
 from .entropy import predicted_labels, probe_statistics
 from .errors import UserInputError
 from .features import FeatureCache, get_extractor, model_inputs
-from .inference import InferenceReport, Segmentation, describe_device, predict_logits, resolve_device, segmentation_from_probabilities
+from .inference import (
+    InferenceReport,
+    Segmentation,
+    describe_device,
+    fit_to_volume,
+    network_multiple,
+    predict_logits,
+    resolve_device,
+    segmentation_from_probabilities,
+)
 from .merging import (
     STATISTICS,
     AdaptiveSettings,
     MergePlan,
     Probe,
-    adaptive_plan,
-    mean_coefficients,
     one_hot,
     probe_batch_size,
     probe_probabilities,
@@ -37,6 +45,7 @@ from .merging import (
     site_scores,
     softmax_coefficients,
 )
+from .methods import PlanContext, get_method
 from .metrics import evaluate
 from .modelcard import InferenceSettings, ModelCard
 from .models import SiteModel, check_compatible, check_runs, expand_model_paths, load_site_models, model_files
@@ -47,7 +56,6 @@ from .ranking import LabelSource, Taps, find_taps, rank_models, scribble_labels,
 from .validation import physical_memory_bytes
 from .volume import Geometry, Volume, detached_data_files, read_label_map, read_volume
 
-METHODS = ("adaptive", "mean", "ensemble", "single", "select", "oracle")
 DEFAULT_TEMPERATURE = 0.05
 
 
@@ -144,6 +152,12 @@ class Case:
         logits = predict_logits(network, self.inputs, self.settings, self.device, progress, self.report)
         return torch.softmax(logits[0].float(), dim=0)
 
+    def select_probe(self, patch_size=None, patches: int = 8, mode: str = "patches") -> Probe:
+        """The probe for this case; ``patch_size`` None: the default (``default_probe_size``)."""
+        multiple = self.settings.spatial_multiple
+        return select_probe(self.inputs, patch_size or default_probe_size(self.settings.roi_size, multiple), patches, mode,
+                            multiple)
+
     def segment(self, probabilities: torch.Tensor, keep_probabilities: bool = False) -> Segmentation:
         return segmentation_from_probabilities(probabilities, self.image, keep_probabilities)
 
@@ -155,29 +169,29 @@ class Case:
 
 def validate_options(options: RunOptions) -> None:
     """Cheap checks of option values, before any file is read."""
-    if options.method not in METHODS:
-        raise UserInputError(f"unknown method {options.method!r}; choose one of {', '.join(METHODS)}")
+    method = get_method(options.method)
     for name in ("temperature", "head_temperature"):
         value = getattr(options, name)
         if value is not None and not value > 0:
             raise UserInputError(f"--{name.replace('_', '-')} must be > 0, got {value}")
     if options.statistic not in STATISTICS:
         raise UserInputError(f"unknown statistic {options.statistic!r}; choose one of {', '.join(STATISTICS)}")
-    if options.method == "oracle" and options.reference is None:
-        raise UserInputError("--method oracle picks the best single model by Dice, so it needs --reference")
+    if method.needs_reference and options.reference is None:
+        raise UserInputError(f"--method {method.name} ({method.description}) needs --reference")
     if options.overlap is not None and not 0 <= options.overlap < 1:
         raise UserInputError(f"--overlap must be in [0, 1), got {options.overlap}")
     if options.adapt != "none":
-        if options.method == "ensemble":
-            raise UserInputError("--adapt adapts the single merged network, but --method ensemble runs every model")
+        if method.combine == "average":
+            raise UserInputError(f"--adapt adapts the single merged network, but --method {method.name} runs every model")
         options.adaptation_settings().check()
 
 
 def inference_settings(model: SiteModel, options: RunOptions) -> InferenceSettings:
-    """The model card's sliding-window settings with the user's overrides applied."""
-    settings = model.card.inference
+    """The model card's inference settings with the user's overrides applied (an ROI means sliding windows)
+    and the size multiple the network needs."""
+    settings = replace(model.card.inference, spatial_multiple=network_multiple(model.card.network))
     if options.roi_size:
-        settings = replace(settings, roi_size=tuple(options.roi_size))
+        settings = replace(settings, roi_size=tuple(options.roi_size), inferer="sliding_window")
     if options.overlap is not None:
         settings = replace(settings, overlap=options.overlap)
     if options.sw_batch_size:
@@ -265,6 +279,11 @@ def load_case(options: RunOptions, progress: Progress, timings: Timings) -> Case
         features = model_inputs(image.tensor.as_tensor(), spec, extractor, cache)
     if spec:
         progress.update(1.0, "stable features from the cache" if features.cached else "stable features computed")
+    notes: list[str] = []
+    settings = fit_to_volume(inference_settings(models[0], options), image.tensor.shape[1:], notes,
+                             "--roi-size" if options.roi_size else "the model's sliding-window ROI")
+    for note in notes:
+        progress.note(note)
     return Case(volume, models, image, features.inputs, settings, device, reference, features.cached,
                 InferenceReport(str(device), []), scribbles)
 
@@ -298,8 +317,7 @@ class ProbeRun:
 def run_probe(case: Case, options: RunOptions, progress: Progress, timings: Timings) -> ProbeRun:
     progress.stage("probe", f"probe passes of {len(case.models)} site models")
     with timings.measure("probe"):
-        probe = select_probe(case.inputs, options.probe_size or default_probe_size(case.settings.roi_size),
-                             options.probe_patches, options.probe)
+        probe = case.select_probe(options.probe_size, options.probe_patches, options.probe)
         for note in probe.notes:
             progress.note(note)
         taps = find_taps(case.models[0], probe.patches[:1]) if options.rank else None
@@ -308,49 +326,33 @@ def run_probe(case: Case, options: RunOptions, progress: Progress, timings: Timi
 
 
 def plan_merge(case: Case, options: RunOptions, progress: Progress, timings: Timings) -> tuple[MergePlan, ProbeRun | None]:
-    """The merge coefficients for ``options.method``; returns the plan and the probe passes (if any)."""
+    """The merge coefficients for ``options.method`` (from the method registry); returns the plan and the
+    probe passes (if any). With one site model every method is that model: no probe, no merge."""
     models = case.models
-    probe_run = run_probe(case, options, progress, timings) if options.method in ("adaptive", "select") or options.rank else None
-    if options.method in ("adaptive", "select"):
-        probe, outputs = probe_run.probe, probe_run.outputs
-        progress.stage("merge", "computing merge coefficients")
-        with timings.measure("merge"):
-            if options.method == "adaptive":
-                plan = adaptive_plan(models, probe, outputs, options.adaptive_settings(), case.device,
-                                     probe_batch_size(probe, case.settings.roi_size))
-            else:
-                stats = probe_statistics(outputs)
-                scores = site_scores(stats, options.statistic)
-                chosen = int(np.argmin(scores))
-                plan = MergePlan("select", one_hot(chosen, len(models)), details={
-                    "statistics": stats, "scores": scores, "statistic": options.statistic,
-                    "selected": models[chosen].name, "probe": probe.describe()})
-        return plan, probe_run
-    progress.stage("merge", f"merging {len(models)} model(s): {options.method}")
-    if options.method == "mean":
-        return MergePlan("mean", mean_coefficients(models)), probe_run
-    if options.method == "single":
-        return MergePlan("single", one_hot(single_model_index(models, options.single_model), len(models))), probe_run
-    return MergePlan(options.method, None), probe_run  # ensemble and oracle run every model in full
+    method = get_method(options.method)
+    if len(models) == 1:
+        progress.stage("merge", f"one site model: {models[0].name}")
+        if method.name != "single":
+            progress.note(f"one site model: the {method.label} is that model itself; no probe and no merge")
+        return MergePlan(method.name, one_hot(0, 1)), None
+    probe_run = run_probe(case, options, progress, timings) if method.uses_probe or options.rank else None
+    if method.runs_every_model:
+        progress.stage("merge", f"{method.label}: every site model runs on the whole volume")
+        return MergePlan(method.name, None), probe_run
+    progress.stage("merge", f"{method.label} of {len(models)} site models")
+    context = PlanContext(models, options.adaptive_settings(), case.device, options.single_model)
+    if probe_run is not None:
+        context.probe, context.outputs = probe_run.probe, probe_run.outputs
+        context.batch_size = probe_batch_size(probe_run.probe, case.settings.roi_size)
+    with timings.measure("merge") if method.uses_probe else contextlib.nullcontext():
+        return method.plan(context), probe_run
 
 
-def default_probe_size(roi_size) -> tuple[int, int, int]:
-    """Half the ROI per axis, kept a multiple of 16 (and at least 16): about one window per model for 8 patches."""
-    return tuple(max(16, (r // 2) // 16 * 16) for r in roi_size)
-
-
-def single_model_index(models: list[SiteModel], choice: str | None) -> int:
-    if choice is None:
-        if len(models) == 1:
-            return 0
-        raise UserInputError(
-            f"--method single runs one model but {len(models)} were given; name it with --single-model "
-            f"({', '.join(m.name for m in models)})"
-        )
-    for index, model in enumerate(models):
-        if choice in (model.name, str(index)):
-            return index
-    raise UserInputError(f"--single-model {choice!r} is none of the loaded models ({', '.join(m.name for m in models)})")
+def default_probe_size(roi_size, multiple=(1, 1, 1)) -> tuple[int, int, int]:
+    """Half the ROI per axis, kept a multiple of 16 and of the network's size multiple (and at least that):
+    about one window per model for 8 patches."""
+    steps = [math.lcm(16, int(m)) for m in multiple]
+    return tuple(max(step, (r // 2) // step * step) for r, step in zip(roi_size, steps))
 
 
 def run(options: RunOptions, progress: Progress | None = None) -> dict:
@@ -363,7 +365,9 @@ def run(options: RunOptions, progress: Progress | None = None) -> dict:
         raise UserInputError("an output folder (--out) is needed")
     output = OutputFolder(options.out, options.overwrite, input_paths(options), options.volume_format)
     timings = Timings()
-    runs_every_model = options.method in ("ensemble", "oracle") or options.per_model or (options.rank and options.reference)
+    method = get_method(options.method)
+    per_model_runs = options.per_model or (options.rank and options.reference)  # each site model's own result
+    runs_every_model = method.runs_every_model or per_model_runs
     progress.plan([("load", 1), ("preprocess", 1), ("features", 2), ("probe", 2), ("merge", 1),
                    ("site models", 6 * len(options.models) if runs_every_model else 0),
                    ("adapt", 3 if options.adapt != "none" else 0), ("inference", 6),
@@ -377,19 +381,20 @@ def run(options: RunOptions, progress: Progress | None = None) -> dict:
             raise UserInputError(f"--rank needs at least two models; {len(models)} given")
         plan, probe_run = plan_merge(case, options, progress, timings)
         per_model: dict[str, dict] = {}
-        if runs_every_model:
-            ensemble_sum, oracle_best = _run_every_model(case, options, output, per_model, progress, timings)
-            if options.method == "ensemble":
+        if plan.body is None or per_model_runs:  # plan.body None: the method combines full runs of every model
+            average = plan.body is None and method.combine == "average"
+            ensemble_sum, best = _run_every_model(case, options, output, per_model, progress, timings, average)
+            if average:
                 plan.details["members"] = [m.name for m in models]
-            elif options.method == "oracle":
-                plan = MergePlan("oracle", one_hot(oracle_best, len(models)), details={"selected": models[oracle_best].name})
+            elif plan.body is None:
+                plan = MergePlan(method.name, one_hot(best, len(models)), details={"selected": models[best].name})
 
         adapted, adaptation = adapt_merged(case, options, plan, probe_run, progress, timings)  # --adapt
         segmentation, evaluation, pseudo_labels = None, None, None
         if options.segment or not (options.reference or options.scribbles):
             progress.stage("inference", f"segmenting on {describe_device(case.device)}")
             with timings.measure("inference"):
-                if options.method == "ensemble":
+                if plan.body is None:
                     probabilities = ensemble_sum / len(models)
                 else:
                     network = adapted if adapted is not None else plan.network(models)
@@ -480,8 +485,10 @@ def rank_case(case: Case, options: RunOptions, probe_run: ProbeRun, plan: MergeP
                        entropy=stats["foreground_entropy"], alpha=alpha, true_dice=true_dice, seed=options.seed)
 
 
-def _run_every_model(case: Case, options: RunOptions, output: OutputFolder, per_model: dict, progress: Progress, timings: Timings):
-    """Full inference of each site model (per-model outputs, ensemble, oracle); one at a time in memory."""
+def _run_every_model(case: Case, options: RunOptions, output: OutputFolder, per_model: dict, progress: Progress, timings: Timings,
+                     average: bool = False):
+    """Full inference of each site model (per-model outputs, ensemble, oracle), one at a time in memory; with
+    ``average`` also the sum of their softmax outputs. Returns that sum (or None) and the best model's index by Dice."""
     progress.stage("site models", "running every site model in full")
     ensemble_sum = None
     best, best_dice = 0, -1.0
@@ -491,7 +498,7 @@ def _run_every_model(case: Case, options: RunOptions, output: OutputFolder, per_
                 progress.update((index + fraction) / len(case.models), f"site model {name}")
 
             probabilities = case.probabilities(model.network, report)
-            if options.method == "ensemble":
+            if average:
                 ensemble_sum = probabilities if ensemble_sum is None else ensemble_sum + probabilities
             segmentation = case.segment(probabilities)
             del probabilities
@@ -550,8 +557,9 @@ def build_summary(options: RunOptions, case: Case, plan: MergePlan, timings: Tim
         "merge_details": {k: (_named(models, v) if k in ("scores", "head_scores") else v) for k, v in details.items()},
         "features": {"spec": _feature_summary(models[0]), "from_cache": case.features_cached},
         "device": case.report.device,
-        "inference": {"roi_size": list(case.settings.roi_size), "overlap": case.settings.overlap,
-                      "sw_batch_size": case.settings.sw_batch_size},
+        "inference": {"inferer": case.settings.inferer, "roi_size": list(case.settings.roi_size),
+                      "overlap": case.settings.overlap, "sw_batch_size": case.settings.sw_batch_size,
+                      "mode": case.settings.blend_mode, "padding_mode": case.settings.padding_mode},
         "evaluation": evaluation,
         "per_model": per_model or None,
         "timings_s": timings,

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import Orientation, Spacing, SpatialResample
+from monai.transforms import Orientation, ScaleIntensityRange, Spacing, SpatialResample
 
 from .errors import UserInputError
 from .modelcard import Preprocessing
-from .safeconfig import build_intensity_transform
+from .safeconfig import array_transform_name, build_intensity_transform
 from .volume import Geometry, Volume
 
 
@@ -47,13 +47,29 @@ def to_model_space(volume: Volume, preprocessing: Preprocessing) -> ModelSpaceIm
         image = Spacing(pixdim=preprocessing.spacing, mode="bilinear", padding_mode="border")(image)
     for index, step in enumerate(preprocessing.intensity):
         where = f"preprocessing.intensity[{index}]"
-        transform = build_intensity_transform(step, where)
+        transform = intensity_transform(step, where)
         try:
             image = transform(image)
         except Exception as error:  # arguments of the wrong type only fail when applied
             raise UserInputError(f"{where} ({step['_target_']}) cannot be applied: {str(error).strip() or type(error).__name__}") from None
     image = MetaTensor(torch.as_tensor(image, dtype=torch.float32).contiguous(), affine=image.affine)
     return ModelSpaceImage(image, volume.geometry)
+
+
+def intensity_transform(step: dict, where: str):
+    """The MONAI intensity transform for one preprocessing step. ``ScaleIntensityRangePercentiles`` (plain form)
+    becomes ``ScaleIntensityRange`` between percentiles taken with numpy: the same values, without the full sort
+    of ``torch.quantile`` that made it most of the preprocessing time."""
+    plain = {"_target_", "lower", "upper", "b_min", "b_max", "clip"}
+    if array_transform_name(str(step.get("_target_", ""))) != "ScaleIntensityRangePercentiles" or not set(step) <= plain:
+        return build_intensity_transform(step, where)
+    build_intensity_transform(step, where)  # the same checks of the arguments
+
+    def scale(image: torch.Tensor) -> torch.Tensor:
+        low, high = np.percentile(np.asarray(image, dtype=np.float32), [step["lower"], step["upper"]])
+        return ScaleIntensityRange(float(low), float(high), step.get("b_min"), step.get("b_max"), bool(step.get("clip", False)))(image)
+
+    return scale
 
 
 def _spacing_after(image: MetaTensor) -> np.ndarray:
