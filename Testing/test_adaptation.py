@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from conftest import make_card
-from entropymerge.adaptation import AdaptationSettings, adapt, adaptation_loss, collapse, normalization_parameters
+from entropymerge.adaptation import (
+    AdaptationSettings,
+    adapt,
+    adaptation_loss,
+    add_identity_affines,
+    collapse,
+    normalization_parameters,
+)
 from entropymerge.cli import main
 from entropymerge.entropy import class_balanced_entropy
 from entropymerge.errors import UserInputError
@@ -48,6 +55,60 @@ def test_loss_of_probe_batches_sums_to_the_probe_loss():
     for method in ("tent", "dsbr"):
         parts = adaptation_loss(probabilities[:2], method, counts) + adaptation_loss(probabilities[2:], method, counts)
         assert float(parts) == pytest.approx(float(adaptation_loss(probabilities, method)), rel=1e-5)
+
+
+def test_reliable_voxel_filter_counts_only_voxels_below_the_entropy_threshold():
+    p_background = torch.tensor([0.99, 0.9, 0.6, 0.05, 0.45])  # entropies: 0.08, 0.47, 0.97, 0.29, 0.99
+    probabilities = torch.stack([p_background, 1 - p_background])[None, :, :, None, None]
+    h = [binary_entropy(p) for p in (0.99, 0.9, 0.6, 0.95, 0.55)]
+    reliable = [0, 1, 3]  # h < 0.5
+    assert float(adaptation_loss(probabilities, "tent", reliable_below=0.5)) == pytest.approx(sum(h[i] for i in reliable) / 3, rel=1e-5)
+    # background: voxels 0 and 1 count; foreground: voxel 3 (voxel 4 is foreground but unreliable)
+    assert float(adaptation_loss(probabilities, "dsbr", reliable_below=0.5)) == pytest.approx(0.5 * ((h[0] + h[1]) / 2 + h[3]), rel=1e-5)
+    assert float(adaptation_loss(probabilities, "tent", reliable_below=1.0)) == pytest.approx(float(adaptation_loss(probabilities, "tent")))
+    # nothing reliable: a zero loss, not a division by zero
+    assert float(adaptation_loss(probabilities, "dsbr", reliable_below=0.01)) == 0.0
+    with pytest.raises(UserInputError, match=r"--adapt-reliable must be in \(0, 1\] \(a fraction of log C\), got 1.5"):
+        AdaptationSettings("dsbr", reliable_below=1.5).check()
+
+
+def test_norm_layers_without_affine_get_identity_affines_that_change_nothing_until_adapted(probe):
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(5)
+    network = UNet(3, 1, 3, channels=(4, 8, 16), strides=(2, 2), num_res_units=1).eval()  # MONAI's default: instance norm, no affine
+    norms = [m for m in network.modules() if isinstance(m, torch.nn.InstanceNorm3d)]
+    assert norms and all(m.weight is None for m in norms) and not normalization_parameters(network)
+    before = snapshot(network)
+    with torch.no_grad():
+        expected = network(probe.patches)
+    copied = copy.deepcopy(network)
+    assert add_identity_affines(copied) == len(norms)
+    assert len(normalization_parameters(copied)) == 2 * len(norms)
+    with torch.no_grad():
+        assert_bit_identical({"logits": copied(probe.patches)}, {"logits": expected})  # bit for bit before any step
+    adapted, result = adapt(network, probe, AdaptationSettings("dsbr", 2, 1e-2), CPU)
+    assert result.identity_affine_layers == len(norms) and result.parameters == 2 * sum(m.num_features for m in norms)
+    assert_bit_identical(network.state_dict(), before)  # the input network keeps its layout and values
+    assert all(m.weight is None for m in norms)
+    trained = [p for p in normalization_parameters(adapted) if not torch.equal(p, torch.ones_like(p)) and not torch.equal(p, torch.zeros_like(p))]
+    assert trained, "the identity affines were adapted"
+    with torch.no_grad():
+        assert not torch.equal(adapted(probe.patches), expected)
+
+
+def test_group_and_layer_norms_without_affine_get_identity_affines():
+    network = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.GroupNorm(2, 4, affine=False),
+                                  torch.nn.LayerNorm([4, 6, 6, 6], elementwise_affine=False))
+    inputs = torch.randn(1, 1, 6, 6, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = network(inputs)
+    assert add_identity_affines(network) == 2
+    assert network[1].weight.shape == (4,) and network[2].weight.shape == (4, 6, 6, 6) and network[2].bias.shape == (4, 6, 6, 6)
+    with torch.no_grad():
+        # group and layer norm kernels round differently once they have an affine (instance and batch norm do not)
+        torch.testing.assert_close(network(inputs), expected, rtol=0, atol=2e-6)
+    assert add_identity_affines(network) == 0  # layers with affines are left alone
 
 
 def test_guard_rules():

@@ -174,6 +174,9 @@ def add_adaptation_options(parser: argparse.ArgumentParser) -> None:
                             help=f"adaptation steps (default {AdaptationSettings.steps})")
     adaptation.add_argument("--adapt-lr", type=float, default=AdaptationSettings.learning_rate,
                             help=f"Adam learning rate of the adaptation (default {AdaptationSettings.learning_rate:g})")
+    adaptation.add_argument("--adapt-reliable", dest="adapt_reliable", type=float, metavar="FRACTION",
+                            help="only voxels whose normalised entropy is below FRACTION (of log C) count in the loss "
+                                 "(SAR/EATA use 0.4; default: every voxel)")
 
 
 def add_path_command(commands) -> None:

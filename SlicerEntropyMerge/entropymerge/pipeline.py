@@ -90,6 +90,7 @@ class RunOptions:
     adapt: str = "none"  # test-time adaptation of the merged network: none, tent or dsbr
     adapt_steps: int = AdaptationSettings.steps
     adapt_lr: float = AdaptationSettings.learning_rate
+    adapt_reliable: float | None = None  # reliable-voxel filter of the adaptation loss (fraction of log C)
     report: bool = False  # also write report.html (made from the committed outputs)
 
     def adaptive_settings(self) -> AdaptiveSettings:
@@ -103,7 +104,7 @@ class RunOptions:
         )
 
     def adaptation_settings(self) -> AdaptationSettings:
-        return AdaptationSettings(self.adapt, self.adapt_steps, self.adapt_lr, self.seed)
+        return AdaptationSettings(self.adapt, self.adapt_steps, self.adapt_lr, self.seed, reliable_below=self.adapt_reliable)
 
 
 class Timings(dict):
