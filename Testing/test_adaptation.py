@@ -10,14 +10,7 @@ import pytest
 import torch
 
 from conftest import make_card
-from entropymerge.adaptation import (
-    AdaptationSettings,
-    adapt,
-    adaptation_loss,
-    add_identity_affines,
-    collapse,
-    normalization_parameters,
-)
+from entropymerge.adaptation import AdaptationSettings, adapt, adaptation_loss, add_identity_affines, collapse, normalization_parameters
 from entropymerge.cli import main
 from entropymerge.entropy import class_balanced_entropy
 from entropymerge.errors import UserInputError

@@ -19,6 +19,7 @@ import torch
 
 from . import __version__
 from .adaptation import AdaptationSettings, adapt
+from .artefact import check_model_folder, merged_model_card, write_model_artefact
 from .entropy import predicted_labels, probe_statistics
 from .errors import UserInputError
 from .features import FeatureCache, get_extractor, model_inputs
@@ -92,6 +93,7 @@ class RunOptions:
     adapt_lr: float = AdaptationSettings.learning_rate
     adapt_reliable: float | None = None  # reliable-voxel filter of the adaptation loss (fraction of log C)
     report: bool = False  # also write report.html (made from the committed outputs)
+    save_model: Path | None = None  # folder for the network that segmented the volume (safetensors + model card)
 
     def adaptive_settings(self) -> AdaptiveSettings:
         return AdaptiveSettings(
@@ -169,6 +171,8 @@ def validate_options(options: RunOptions) -> None:
         if options.method == "ensemble":
             raise UserInputError("--adapt adapts the single merged network, but --method ensemble runs every model")
         options.adaptation_settings().check()
+    if options.save_model is not None and options.method == "ensemble":
+        raise UserInputError("--save-model saves the one network that segments the volume, but --method ensemble runs every model")
 
 
 def inference_settings(model: SiteModel, options: RunOptions) -> InferenceSettings:
@@ -321,6 +325,8 @@ def run(options: RunOptions, progress: Progress | None = None) -> dict:
     if options.out is None:
         raise UserInputError("an output folder (--out) is needed")
     output = OutputFolder(options.out, options.overwrite, input_paths(options), options.volume_format)
+    if options.save_model is not None:
+        check_model_folder(options.save_model, options.overwrite, input_paths(options))
     timings = Timings()
     runs_every_model = options.method in ("ensemble", "oracle") or options.per_model or (options.rank and options.reference)
     progress.plan([("load", 1), ("preprocess", 1), ("features", 2), ("probe", 2), ("merge", 1),
@@ -342,7 +348,7 @@ def run(options: RunOptions, progress: Progress | None = None) -> dict:
                 plan = MergePlan("oracle", one_hot(oracle_best, len(models)), details={"selected": models[oracle_best].name})
 
         adapted, adaptation = adapt_merged(case, options, plan, probe_run, progress, timings)  # --adapt
-        segmentation, evaluation, pseudo_labels = None, None, None
+        segmentation, evaluation, pseudo_labels, network = None, None, None, None
         if options.segment or not (options.reference or options.scribbles):
             progress.stage("inference", f"segmenting on {describe_device(case.device)}")
             with timings.measure("inference"):
@@ -376,7 +382,10 @@ def run(options: RunOptions, progress: Progress | None = None) -> dict:
         summary = build_summary(options, case, plan, timings, progress, evaluation, per_model)
         summary["ranking"] = ranking.to_json() if ranking else None
         summary["adaptation"] = adaptation
+        if options.save_model is not None and network is not None:
+            summary["saved_model"] = save_run_model(case, options, plan, network, adaptation)
         outputs = output.commit(summary)
+        outputs.update(summary.get("saved_model") or {})
     except BaseException:
         output.abort()
         raise
@@ -401,6 +410,17 @@ def adapt_merged(case: Case, options: RunOptions, plan: MergePlan, probe_run: Pr
         network, result = adapt(plan.network(case.models), probe_run.probe, settings, case.device,
                                 probe_batch_size(probe_run.probe, case.settings.roi_size), names, progress)
     return network, result.describe(names, settings)
+
+
+def save_run_model(case: Case, options: RunOptions, plan: MergePlan, network: torch.nn.Module, adaptation: dict | None) -> dict:
+    """--save-model: write the network that segmented the volume as a site model (weights + card)."""
+    adapted = None if adaptation is None else {key: adaptation[key] for key in (
+        "method", "steps", "steps_run", "learning_rate", "seed", "reliable_below", "guard_fired", "restored")}
+    volume = Path(options.volume).name
+    card = merged_model_card(case.models, network, name=f"merged-{volume.split('.')[0]}", method=plan.method,
+                             body=plan.body, head=plan.head, head_keys=plan.head_keys,
+                             volume=volume, inference=case.settings, adaptation=adapted)
+    return write_model_artefact(network, card, options.save_model, options.overwrite)
 
 
 def label_source(case: Case, options: RunOptions, pseudo_labels: np.ndarray | None) -> LabelSource:
