@@ -55,8 +55,10 @@ def test_saved_run_model_loads_back_and_reproduces_the_segmentation(tmp_path, mi
         assert training["adaptation"]["method"] == "dsbr" and training["adaptation"]["restored"] is False
         assert "adapted with DSBR" in card["description"]
     # the artefact is a site model: alone, it segments the volume exactly as the run did
-    assert cli("run", "--volume", image, "--model", card_path, "--method", "single", "--out", tmp_path / "again", *cache) == 0
+    assert cli("run", "--volume", image, "--model", card_path, "--method", "single", "--out", tmp_path / "again", *cache,
+               "--save-model", tmp_path / "again") == 0  # the model may go into the run's own output folder
     np.testing.assert_array_equal(segmentation(tmp_path / "again"), segmentation(tmp_path / "run"))
+    assert (tmp_path / "again" / "merged-image.json").is_file() and (tmp_path / "again" / "summary.json").is_file()
 
 
 def test_adapted_real_bundle_is_saved_with_affine_norms_and_reproduces_its_run(tmp_path):

@@ -143,14 +143,14 @@ def merged_model_card(
     )
 
 
-def write_model_artefact(network: torch.nn.Module, card: ModelCard, folder: Path, overwrite: bool = False) -> dict[str, str]:
+def write_model_artefact(network: torch.nn.Module, card: ModelCard, folder: Path) -> dict[str, str]:
     """Write ``<name>.safetensors`` and ``<name>.json`` into ``folder``; returns their paths.
 
-    Both are written in a hidden folder beside them and moved into place, the card last, so a
-    folder never holds a card whose weights are missing or half written.
+    Callers check the folder first (``check_model_folder``), before any work. Both files are
+    written in a hidden folder beside them and moved into place, the card last, so a folder never
+    holds a card whose weights are missing or half written.
     """
     folder = Path(folder)
-    check_model_folder(folder, overwrite)
     stem = safe_file_stem(card.name)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -254,4 +254,4 @@ def merge_to_folder(model_paths: Sequence[Path], folder: Path, *, coefficients: 
     network = merged_network(models, body, head_keys, head)
     card = merged_model_card(models, network, name=name, method=record["method"], body=body, head=head,
                              head_keys=head_keys, volume=record["volume"])
-    return write_model_artefact(network, card, folder, overwrite)
+    return write_model_artefact(network, card, folder)

@@ -420,7 +420,7 @@ def save_run_model(case: Case, options: RunOptions, plan: MergePlan, network: to
     card = merged_model_card(case.models, network, name=f"merged-{volume.split('.')[0]}", method=plan.method,
                              body=plan.body, head=plan.head, head_keys=plan.head_keys,
                              volume=volume, inference=case.settings, adaptation=adapted)
-    return write_model_artefact(network, card, options.save_model, options.overwrite)
+    return write_model_artefact(network, card, options.save_model)
 
 
 def label_source(case: Case, options: RunOptions, pseudo_labels: np.ndarray | None) -> LabelSource:
