@@ -85,7 +85,8 @@ def main(argv=None) -> int:
         + f"one {SHIFT_SITE} scan (test seed {shift_seed}) under each mild shift ({', '.join(SHIFTS)}). "
         f"Start: the entropy-adaptive merge (default settings) on a probe of {args.probe_patches} patches. "
         f"Adam on the normalisation affines, {args.steps} steps, lr {args.lr:g}, seed {args.seed}. Mean Dice over the "
-        "three structures; 'guarded' is what `run --adapt` gives (r@N: the guard restored the merge at step N).",
+        "three structures; (Nx): the probe's foreground fraction after the last step relative to its start; "
+        "'guarded' is what `run --adapt` gives (r@N: the guard restored the merge at step N).",
         "",
         header,
         "| --- " * (header.count("|") - 1) + "|",
@@ -112,7 +113,8 @@ def main(argv=None) -> int:
                     guarded = start if result.guard is not None else dice
                     totals.setdefault(f"{model_set}|{label}", []).append(dice)
                     totals.setdefault(f"{model_set}|{label} guarded", []).append(guarded)
-                    cells += [f"{dice:.3f}", f"{guarded:.3f}" + (f" (r@{result.guard['step']})" if result.guard else "")]
+                    growth = (1 - result.proportions[-1][0]) / (1 - result.proportions[0][0])
+                    cells += [f"{dice:.3f} ({growth:.2f}x)", f"{guarded:.3f}" + (f" (r@{result.guard['step']})" if result.guard else "")]
                 lines.append(f"| {model_set} | {name} | " + " | ".join(cells) + " |")
                 print(lines[-1], file=sys.stderr, flush=True)
     columns = ["none"] + [f"{label}{suffix}" for label, _ in adaptations for suffix in ("", " guarded")]
