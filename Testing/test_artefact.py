@@ -148,7 +148,7 @@ def test_bad_merge_and_save_options_exit_2(tmp_path, capsys, mind_models, sphere
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("user data", encoding="utf-8")
     assert "is not empty; choose another folder or add --overwrite" in failing(capsys, "merge", *models, "--out", tmp_path / "full")
-    assert "holds a source model" in failing(capsys, "merge", *models, "--out", mind_models, "--overwrite")
+    assert "holds an input of this command" in failing(capsys, "merge", *models, "--out", mind_models, "--overwrite")
     assert (tmp_path / "full" / "keep.txt").read_text(encoding="utf-8") == "user data"
     run = ("run", "--volume", image, *models, "--out", tmp_path / "run")
     assert "--method ensemble runs every model" in failing(capsys, *run, "--method", "ensemble", "--save-model", tmp_path / "e")

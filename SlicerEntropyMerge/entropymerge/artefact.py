@@ -53,7 +53,8 @@ def named_coefficients(models: Sequence[SiteModel], values) -> dict[str, float] 
 
 
 def check_model_folder(folder: Path, overwrite: bool, protected: Sequence[Path] = ()) -> None:
-    """Refuse, before any work, a model folder that holds files unless ``overwrite``, or that holds a source model."""
+    """Refuse, before any work, a model folder that holds files unless ``overwrite``, or that holds an input
+    (``protected``: the source models, the volume)."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UserInputError(f"model folder {folder} is a file, not a folder")
@@ -62,7 +63,7 @@ def check_model_folder(folder: Path, overwrite: bool, protected: Sequence[Path] 
     resolved = folder.resolve()
     for path in protected:
         if Path(path).resolve().parent == resolved or Path(path).resolve() == resolved:
-            raise UserInputError(f"model folder {folder} holds a source model ({path}); choose another folder")
+            raise UserInputError(f"model folder {folder} holds an input of this command ({path}); choose another folder")
     existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserInputError(f"cannot write to model folder {folder}: {existing} is not writable")
