@@ -10,7 +10,15 @@ import pytest
 import torch
 
 from conftest import make_card
-from entropymerge.adaptation import AdaptationSettings, adapt, adaptation_loss, add_identity_affines, collapse, normalization_parameters
+from entropymerge.adaptation import (
+    AdaptationSettings,
+    adapt,
+    adaptation_loss,
+    add_identity_affines,
+    collapse,
+    normalization_parameters,
+    proportion_loss,
+)
 from entropymerge.cli import main
 from entropymerge.entropy import class_balanced_entropy
 from entropymerge.errors import UserInputError
@@ -102,6 +110,24 @@ def test_group_and_layer_norms_without_affine_get_identity_affines():
         # group and layer norm kernels round differently once they have an affine (instance and batch norm do not)
         torch.testing.assert_close(network(inputs), expected, rtol=0, atol=2e-6)
     assert add_identity_affines(network) == 0  # layers with affines are left alone
+
+
+def test_proportion_term_is_the_kl_divergence_of_the_class_mix_and_holds_it_in_place(probe):
+    probabilities = torch.softmax(torch.randn(2, 3, 4, 4, 4, generator=torch.Generator().manual_seed(2)), dim=1)
+    now = probabilities.mean(dim=(0, 2, 3, 4))
+    assert float(proportion_loss(probabilities, now)) == pytest.approx(0.0, abs=1e-7)
+    start = torch.tensor([0.5, 0.25, 0.25])
+    expected = float((start * (start / now).log()).sum()) / math.log(3)
+    assert float(proportion_loss(probabilities, start)) == pytest.approx(expected, rel=1e-5) and expected > 0
+    network = biased_network(seed=6)
+    drift = {}
+    for weight in (0.0, 10.0):
+        _, result = adapt(network, probe, AdaptationSettings("dsbr", 3, 3e-2, restore_on_collapse=False, prior_weight=weight), CPU)
+        drift[weight] = float(np.abs(result.proportions[-1] - result.proportions[0]).sum())
+        assert result.describe(["a", "b", "c"], AdaptationSettings("dsbr", 3, 3e-2, prior_weight=weight))["prior_weight"] == weight
+    assert drift[10.0] < drift[0.0]
+    with pytest.raises(UserInputError, match="--adapt-prior must be >= 0, got -1"):
+        AdaptationSettings("dsbr", prior_weight=-1).check()
 
 
 def test_guard_rules():

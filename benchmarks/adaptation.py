@@ -66,6 +66,8 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=AdaptationSettings.learning_rate)
     parser.add_argument("--probe-patches", type=int, default=4, help="probe patches (the run's default is 8; 4 halves the cost)")
     parser.add_argument("--reliable", type=float, default=0.4, help="threshold of the reliable-voxel filter (fraction of log C)")
+    parser.add_argument("--prior", type=float, default=0.0,
+                        help="also DSBR with the class-proportion term at this weight (0: not run)")
     parser.add_argument("--model-sets", nargs="+", default=["dropgen", "image-only"])
     parser.add_argument("--only-shifts", action="store_true", help="skip the bundled targets")
     parser.add_argument("--seed", type=int, default=0)
@@ -76,6 +78,9 @@ def main(argv=None) -> int:
                    ("DSBR", AdaptationSettings("dsbr", args.steps, args.lr, args.seed, restore_on_collapse=False)),
                    (f"DSBR+filter {args.reliable:g}", AdaptationSettings("dsbr", args.steps, args.lr, args.seed,
                                                                           restore_on_collapse=False, reliable_below=args.reliable))]
+    if args.prior:
+        adaptations.append((f"DSBR+prior {args.prior:g}", AdaptationSettings("dsbr", args.steps, args.lr, args.seed,
+                                                                               restore_on_collapse=False, prior_weight=args.prior)))
     shift_seed = case_seed(SHIFT_SITE, 0, "test")
     started = time.perf_counter()
     header = "| models | target | none | " + " | ".join(f"{name} | {name} guarded" for name, _ in adaptations) + " |"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -40,6 +41,7 @@ class AdaptationSettings:
     seed: int = 0
     restore_on_collapse: bool = True  # False: the guard only records when it would have fired (benchmarks)
     reliable_below: float | None = None  # only voxels with normalised entropy below this count in the loss (SAR/EATA)
+    prior_weight: float = 0.0  # weight of KL(start class proportions || now): holds the predicted class mix in place
 
     def check(self) -> None:
         if self.method not in ADAPT_METHODS:
@@ -50,6 +52,8 @@ class AdaptationSettings:
             raise UserInputError(f"--adapt-lr must be > 0, got {self.learning_rate}")
         if self.reliable_below is not None and not 0 < self.reliable_below <= 1:
             raise UserInputError(f"--adapt-reliable must be in (0, 1] (a fraction of log C), got {self.reliable_below}")
+        if not self.prior_weight >= 0:
+            raise UserInputError(f"--adapt-prior must be >= 0, got {self.prior_weight}")
 
 
 @dataclass
@@ -77,6 +81,7 @@ class AdaptationResult:
             "adapted_parameters": self.parameters,
             "identity_affine_layers": self.identity_affine_layers,
             "reliable_below": settings.reliable_below,
+            "prior_weight": settings.prior_weight,
             "reliable_fraction_per_step": [round(v, 6) for v in self.reliable_fractions],
             "loss_per_step": [round(v, 6) for v in self.losses],
             "proportions_before": named(self.proportions[0]),
@@ -140,6 +145,16 @@ def adaptation_loss(probabilities: torch.Tensor, method: str, counts: torch.Tens
     if method == "dsbr":
         return (entropy * class_balanced_weights(counts)[predicted]).sum()
     raise ValueError(f"unknown adaptation loss {method!r}")
+
+
+def proportion_loss(probabilities: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """KL(start || now) / log C of the soft class proportions: ``probabilities`` (N, C, X, Y, Z) give
+    ``now`` (C,), their mean over voxels; ``start`` (C,) is the same mean before adaptation. Zero
+    (with zero gradient) while the proportions are unchanged; it counters the drift of the class
+    mix (foreground shrinking under TENT, growing under DSBR)."""
+    now = probabilities.mean(dim=(0, *range(2, probabilities.dim()))).clamp_min(1e-8)
+    start = start.clamp_min(1e-8)
+    return (start * (start.log() - now.log())).sum() / math.log(probabilities.shape[1])
 
 
 def loss_counts(probabilities: torch.Tensor, reliable_below: float | None = None) -> torch.Tensor:
@@ -207,14 +222,20 @@ def adapt(
         counts, in_loss = _predicted_counts(adapted, batches, device, settings.reliable_below)
         result.proportions.append((counts / counts.sum()).numpy())
         names = list(class_names or [f"class {c}" for c in range(len(counts))])
+        start_proportions: list[torch.Tensor] = []  # per batch, its soft class proportions before adaptation
         for step in range(1, settings.steps + 1):
             optimizer.zero_grad(set_to_none=True)
             loss = 0.0
-            for batch in batches:
+            for index, batch in enumerate(batches):
                 with autocast(device):
                     logits = adapted(batch.to(device))
-                batch_loss = adaptation_loss(torch.softmax(logits.float(), dim=1), settings.method, in_loss,
-                                             settings.reliable_below)
+                probabilities = torch.softmax(logits.float(), dim=1)
+                batch_loss = adaptation_loss(probabilities, settings.method, in_loss, settings.reliable_below)
+                if settings.prior_weight:
+                    if step == 1:
+                        start_proportions.append(probabilities.detach().mean(dim=(0, 2, 3, 4)))
+                    share = batch.shape[0] / probe.patches.shape[0]
+                    batch_loss = batch_loss + settings.prior_weight * share * proportion_loss(probabilities, start_proportions[index])
                 batch_loss.backward()
                 loss += float(batch_loss.detach())
             optimizer.step()

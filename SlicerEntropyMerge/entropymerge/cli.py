@@ -181,6 +181,9 @@ def add_adaptation_options(parser: argparse.ArgumentParser) -> None:
     adaptation.add_argument("--adapt-reliable", dest="adapt_reliable", type=float, metavar="FRACTION",
                             help="only voxels whose normalised entropy is below FRACTION (of log C) count in the loss "
                                  "(SAR/EATA use 0.4; default: every voxel)")
+    adaptation.add_argument("--adapt-prior", dest="adapt_prior", type=float, default=0.0, metavar="WEIGHT",
+                            help="weight of a term that holds the predicted class proportions at their start "
+                                 "(KL divergence; default 0: off)")
 
 
 def add_path_command(commands) -> None:

@@ -92,6 +92,7 @@ class RunOptions:
     adapt_steps: int = AdaptationSettings.steps
     adapt_lr: float = AdaptationSettings.learning_rate
     adapt_reliable: float | None = None  # reliable-voxel filter of the adaptation loss (fraction of log C)
+    adapt_prior: float = 0.0  # weight of the class-proportion term of the adaptation loss
     report: bool = False  # also write report.html (made from the committed outputs)
     save_model: Path | None = None  # folder for the network that segmented the volume (safetensors + model card)
 
@@ -106,7 +107,8 @@ class RunOptions:
         )
 
     def adaptation_settings(self) -> AdaptationSettings:
-        return AdaptationSettings(self.adapt, self.adapt_steps, self.adapt_lr, self.seed, reliable_below=self.adapt_reliable)
+        return AdaptationSettings(self.adapt, self.adapt_steps, self.adapt_lr, self.seed, reliable_below=self.adapt_reliable,
+                                   prior_weight=self.adapt_prior)
 
 
 class Timings(dict):
