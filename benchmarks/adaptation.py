@@ -7,7 +7,8 @@ field, all of the same subject. Each adaptation runs once with the guard watchin
 restoring: the unguarded Dice is that run's, the guarded Dice is the merge's own when the guard
 fired (what ``entropymerge run --adapt`` gives) and the run's otherwise:
 
-    python benchmarks/adaptation.py [--steps 10] [--lr 0.001] [--probe-patches 4] [--reliable 0.4] [--markdown FILE]
+    python benchmarks/adaptation.py [--steps 10] [--lr 0.001] [--probe-patches 4] [--reliable 0.4] [--prior 100]
+                                    [--model-sets dropgen image-only] [--markdown FILE]
 """
 
 from __future__ import annotations

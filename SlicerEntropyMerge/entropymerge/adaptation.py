@@ -4,7 +4,9 @@ Both methods adapt only the affine weight and bias of the normalisation layers, 
 steps on the probe, starting from the merged model. Layers built without affine parameters (MONAI's
 default instance norm) get an identity affine (weight 1, bias 0) on the adapted copy, which leaves
 its output bit for bit unchanged until the first step. Optionally only reliable voxels count in the
-loss (SAR/EATA): those whose normalised entropy is below a given fraction (of log C). TENT minimises the mean voxel entropy; DSBR
+loss (SAR/EATA): those whose normalised entropy is below a given fraction (of log C); and a
+class-proportion term (KL divergence of the probe's soft class mix to its start) can hold the
+predicted class mix in place. TENT minimises the mean voxel entropy; DSBR
 minimises the class-balanced entropy, in which every class predicted on the probe counts equally,
 so the loss cannot be lowered by growing the easy background. A guard tracks the predicted class
 proportions on the probe after every step and, when a class present at the start vanishes or the
