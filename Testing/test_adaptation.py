@@ -133,8 +133,11 @@ def test_proportion_term_is_the_kl_divergence_of_the_class_mix_and_holds_it_in_p
 def test_guard_rules():
     names = ["background", "organ", "lesion"]
     start = np.array([0.90, 0.08, 0.02])
-    assert collapse(start, np.array([0.85, 0.12, 0.03]), names) is None
-    assert collapse(start, np.array([0.80, 0.15, 0.05]), names) is None  # exactly 2x the foreground is allowed
+    assert collapse(start, np.array([0.88, 0.09, 0.03]), names) is None
+    exact = np.array([0.75, 0.2, 0.05])  # binary fractions: 1.25x and 0.5x of its foreground are exact
+    assert collapse(exact, np.array([0.6875, 0.25, 0.0625]), names) is None  # exactly 1.25x the foreground is allowed
+    assert collapse(exact, np.array([0.875, 0.1, 0.025]), names) is None  # exactly 0.5x too
+    assert collapse(start, np.array([0.85, 0.12, 0.03]), names)[0] == "foreground_fraction"  # 1.5x
     rule, message = collapse(start, np.array([0.90, 0.10, 0.0]), names)
     assert rule == "class_vanished" and message == "no probe voxel is predicted as lesion any more"
     rule, message = collapse(start, np.array([0.96, 0.03, 0.01]), names)

@@ -173,7 +173,7 @@ def add_adaptation_options(parser: argparse.ArgumentParser) -> None:
     adaptation = parser.add_argument_group("test-time adaptation of the merged model")
     adaptation.add_argument("--adapt", default="none", choices=ADAPT_METHODS,
                             help="tune the normalisation layers on the probe: tent (entropy minimisation) or dsbr (class-balanced "
-                                 "entropy); a guard restores the merged weights if a class vanishes or the foreground shrinks or grows 2x")
+                                 "entropy); a guard restores the merged weights if a class vanishes or the foreground halves or grows 1.25x")
     adaptation.add_argument("--adapt-steps", type=positive_int, default=AdaptationSettings.steps,
                             help=f"adaptation steps (default {AdaptationSettings.steps})")
     adaptation.add_argument("--adapt-lr", type=float, default=AdaptationSettings.learning_rate,
