@@ -30,7 +30,7 @@ from SlicerEntropyMergeLib import cases
 from SlicerEntropyMergeLib.binding import GuiBinding
 from SlicerEntropyMergeLib.dependencies import ensure_dependencies, missing_requirements, package_tools, read_requirements
 from SlicerEntropyMergeLib.engine import RunRequest, parse_roi_size
-from SlicerEntropyMergeLib.job import RunJob, abandon_run, finish_run, start_run
+from SlicerEntropyMergeLib.job import RunJob, abandon_run, discard_model, finish_run, save_merged_model, start_run
 from SlicerEntropyMergeLib.modelcheck import ModelCheck, apply_blocker
 from SlicerEntropyMergeLib.scene import case_volume
 
@@ -162,6 +162,7 @@ class SlicerEntropyMergeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self.caseIndex = -1
         self.caseVolume = None
         self.lastProgressMessage = ""
+        self.mergedModel: Optional[Path] = None  # the last run's merged network, for "Save merged model..."
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -183,6 +184,7 @@ class SlicerEntropyMergeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self.ui.singleModelComboBox.connect("currentTextChanged(QString)", self.onSingleModelChanged)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.showChartButton.connect("clicked(bool)", self.onShowChart)
+        self.ui.saveModelButton.connect("clicked(bool)", self.onSaveModel)
         self.ui.caseFolderButton.connect("directoryChanged(QString)", self.onCaseFolderChanged)
         self.ui.previousCaseButton.connect("clicked(bool)", lambda: self.goToCase(self.caseIndex - 1))
         self.ui.nextCaseButton.connect("clicked(bool)", lambda: self.goToCase(self.caseIndex + 1))
@@ -196,6 +198,7 @@ class SlicerEntropyMergeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
     def cleanup(self) -> None:
         self.removeObservers()
         self.stopBackgroundWork()
+        discard_model(self.mergedModel)
 
     def stopBackgroundWork(self) -> None:
         """Cancel the run and the model check, if any (the module closes, or the scene they work on does)."""
@@ -438,6 +441,9 @@ class SlicerEntropyMergeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
                 if not self._parameterNode.outputSegmentation:
                     self._parameterNode.outputSegmentation = results.segmentation
                 self.showResults(job.volume, results)
+                discard_model(self.mergedModel)
+                self.mergedModel = job.model
+                self.ui.saveModelButton.enabled = job.model is not None
                 self.ui.progressBar.value = 100
                 self.ui.statusLabel.text = _("Done: {name} segmented.").format(name=job.volume.GetName())
         finally:
@@ -486,6 +492,14 @@ class SlicerEntropyMergeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         if self.rankingChart is not None:
             self.onShowChart()
         self.ui.resultsCollapsibleButton.collapsed = False
+
+    def onSaveModel(self) -> None:
+        folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("Folder for the merged model"))
+        if not folder:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to save the merged model."), waitCursor=True):
+            card = save_merged_model(self.mergedModel, folder)
+            self.ui.statusLabel.text = _("Merged model saved: {path}").format(path=card)
 
     def onShowChart(self) -> None:
         slicer.modules.plots.logic().ShowChartInLayout(self.rankingChart)

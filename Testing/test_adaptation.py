@@ -10,7 +10,15 @@ import pytest
 import torch
 
 from conftest import make_card
-from entropymerge.adaptation import AdaptationSettings, adapt, adaptation_loss, collapse, normalization_parameters
+from entropymerge.adaptation import (
+    AdaptationSettings,
+    adapt,
+    adaptation_loss,
+    add_identity_affines,
+    collapse,
+    normalization_parameters,
+    proportion_loss,
+)
 from entropymerge.cli import main
 from entropymerge.entropy import class_balanced_entropy
 from entropymerge.errors import UserInputError
@@ -50,11 +58,86 @@ def test_loss_of_probe_batches_sums_to_the_probe_loss():
         assert float(parts) == pytest.approx(float(adaptation_loss(probabilities, method)), rel=1e-5)
 
 
+def test_reliable_voxel_filter_counts_only_voxels_below_the_entropy_threshold():
+    p_background = torch.tensor([0.99, 0.9, 0.6, 0.05, 0.45])  # entropies: 0.08, 0.47, 0.97, 0.29, 0.99
+    probabilities = torch.stack([p_background, 1 - p_background])[None, :, :, None, None]
+    h = [binary_entropy(p) for p in (0.99, 0.9, 0.6, 0.95, 0.55)]
+    reliable = [0, 1, 3]  # h < 0.5
+    assert float(adaptation_loss(probabilities, "tent", reliable_below=0.5)) == pytest.approx(sum(h[i] for i in reliable) / 3, rel=1e-5)
+    # background: voxels 0 and 1 count; foreground: voxel 3 (voxel 4 is foreground but unreliable)
+    assert float(adaptation_loss(probabilities, "dsbr", reliable_below=0.5)) == pytest.approx(0.5 * ((h[0] + h[1]) / 2 + h[3]), rel=1e-5)
+    assert float(adaptation_loss(probabilities, "tent", reliable_below=1.0)) == pytest.approx(float(adaptation_loss(probabilities, "tent")))
+    # nothing reliable: a zero loss, not a division by zero
+    assert float(adaptation_loss(probabilities, "dsbr", reliable_below=0.01)) == 0.0
+    with pytest.raises(UserInputError, match=r"--adapt-reliable must be in \(0, 1\] \(a fraction of log C\), got 1.5"):
+        AdaptationSettings("dsbr", reliable_below=1.5).check()
+
+
+def test_norm_layers_without_affine_get_identity_affines_that_change_nothing_until_adapted(probe):
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(5)
+    network = UNet(3, 1, 3, channels=(4, 8, 16), strides=(2, 2), num_res_units=1).eval()  # MONAI's default: instance norm, no affine
+    norms = [m for m in network.modules() if isinstance(m, torch.nn.InstanceNorm3d)]
+    assert norms and all(m.weight is None for m in norms) and not normalization_parameters(network)
+    before = snapshot(network)
+    with torch.no_grad():
+        expected = network(probe.patches)
+    copied = copy.deepcopy(network)
+    assert add_identity_affines(copied) == len(norms)
+    assert len(normalization_parameters(copied)) == 2 * len(norms)
+    with torch.no_grad():
+        assert_bit_identical({"logits": copied(probe.patches)}, {"logits": expected})  # bit for bit before any step
+    adapted, result = adapt(network, probe, AdaptationSettings("dsbr", 2, 1e-2), CPU)
+    assert result.identity_affine_layers == len(norms) and result.parameters == 2 * sum(m.num_features for m in norms)
+    assert_bit_identical(network.state_dict(), before)  # the input network keeps its layout and values
+    assert all(m.weight is None for m in norms)
+    trained = [p for p in normalization_parameters(adapted) if not torch.equal(p, torch.ones_like(p)) and not torch.equal(p, torch.zeros_like(p))]
+    assert trained, "the identity affines were adapted"
+    with torch.no_grad():
+        assert not torch.equal(adapted(probe.patches), expected)
+
+
+def test_group_and_layer_norms_without_affine_get_identity_affines():
+    network = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.GroupNorm(2, 4, affine=False),
+                                  torch.nn.LayerNorm([4, 6, 6, 6], elementwise_affine=False))
+    inputs = torch.randn(1, 1, 6, 6, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = network(inputs)
+    assert add_identity_affines(network) == 2
+    assert network[1].weight.shape == (4,) and network[2].weight.shape == (4, 6, 6, 6) and network[2].bias.shape == (4, 6, 6, 6)
+    with torch.no_grad():
+        # group and layer norm kernels round differently once they have an affine (instance and batch norm do not)
+        torch.testing.assert_close(network(inputs), expected, rtol=0, atol=2e-6)
+    assert add_identity_affines(network) == 0  # layers with affines are left alone
+
+
+def test_proportion_term_is_the_kl_divergence_of_the_class_mix_and_holds_it_in_place(probe):
+    probabilities = torch.softmax(torch.randn(2, 3, 4, 4, 4, generator=torch.Generator().manual_seed(2)), dim=1)
+    now = probabilities.mean(dim=(0, 2, 3, 4))
+    assert float(proportion_loss(probabilities, now)) == pytest.approx(0.0, abs=1e-7)
+    start = torch.tensor([0.5, 0.25, 0.25])
+    expected = float((start * (start / now).log()).sum()) / math.log(3)
+    assert float(proportion_loss(probabilities, start)) == pytest.approx(expected, rel=1e-5) and expected > 0
+    network = biased_network(seed=6)
+    drift = {}
+    for weight in (0.0, 10.0):
+        _, result = adapt(network, probe, AdaptationSettings("dsbr", 3, 3e-2, restore_on_collapse=False, prior_weight=weight), CPU)
+        drift[weight] = float(np.abs(result.proportions[-1] - result.proportions[0]).sum())
+        assert result.describe(["a", "b", "c"], AdaptationSettings("dsbr", 3, 3e-2, prior_weight=weight))["prior_weight"] == weight
+    assert drift[10.0] < drift[0.0]
+    with pytest.raises(UserInputError, match="--adapt-prior must be >= 0, got -1"):
+        AdaptationSettings("dsbr", prior_weight=-1).check()
+
+
 def test_guard_rules():
     names = ["background", "organ", "lesion"]
     start = np.array([0.90, 0.08, 0.02])
-    assert collapse(start, np.array([0.85, 0.12, 0.03]), names) is None
-    assert collapse(start, np.array([0.80, 0.15, 0.05]), names) is None  # exactly 2x the foreground is allowed
+    assert collapse(start, np.array([0.88, 0.09, 0.03]), names) is None
+    exact = np.array([0.75, 0.2, 0.05])  # binary fractions: 1.25x and 0.5x of its foreground are exact
+    assert collapse(exact, np.array([0.6875, 0.25, 0.0625]), names) is None  # exactly 1.25x the foreground is allowed
+    assert collapse(exact, np.array([0.875, 0.1, 0.025]), names) is None  # exactly 0.5x too
+    assert collapse(start, np.array([0.85, 0.12, 0.03]), names)[0] == "foreground_fraction"  # 1.5x
     rule, message = collapse(start, np.array([0.90, 0.10, 0.0]), names)
     assert rule == "class_vanished" and message == "no probe voxel is predicted as lesion any more"
     rule, message = collapse(start, np.array([0.96, 0.03, 0.01]), names)

@@ -18,12 +18,12 @@ import vtk  # noqa: E402
 
 from conftest import make_card  # noqa: E402
 from entropymerge.modelcard import DEFAULT_COLORS  # noqa: E402
-from entropymerge.models import save_site_model  # noqa: E402
+from entropymerge.models import load_site_model, save_site_model  # noqa: E402
 from entropymerge.safeconfig import build_network  # noqa: E402
 from entropymerge.volume import read_volume  # noqa: E402
 from SlicerEntropyMergeLib import scene as lib_scene  # noqa: E402
 from SlicerEntropyMergeLib.engine import RunRequest, read_summary  # noqa: E402
-from SlicerEntropyMergeLib.job import abandon_run, finish_run, start_run  # noqa: E402
+from SlicerEntropyMergeLib.job import abandon_run, discard_model, finish_run, save_merged_model, start_run  # noqa: E402
 from SlicerEntropyMergeLib.process import SUCCEEDED  # noqa: E402
 
 LABEL_NAMES = ["background", "structure 1", "structure 2"]
@@ -298,6 +298,21 @@ def test_scribbles_leave_unpainted_voxels_unlabelled(run):
     assert (written == lib_scene.UNLABELLED).sum() == written.size - 2
 
 
+def test_the_merged_model_is_kept_after_the_run_and_saved_without_overwriting(run, tmp_path):
+    model = run["job"].model
+    assert model.is_dir() and not run["job"].work.exists()
+    card = save_merged_model(model, tmp_path / "saved")
+    saved = load_site_model(card)
+    assert saved.card.training["method"] == "adaptive" and [s["name"] for s in saved.card.training["sources"]] == ["north", "south"]
+    assert saved.card.training["coefficients"]["body"] == pytest.approx(read_summary(run["out"])["coefficients"]["body"], abs=1e-6)
+    assert (tmp_path / "saved" / saved.card.weights).is_file()
+    with pytest.raises(ValueError, match="already exists; choose another folder"):
+        save_merged_model(model, tmp_path / "saved")
+    with pytest.raises(ValueError, match="This run kept no merged model"):
+        save_merged_model(tmp_path / "empty", tmp_path / "other")
+    assert not (tmp_path / "other").exists()
+
+
 def test_a_cancelled_run_leaves_no_nodes_and_no_files(run, tmp_path):
     scene, volume = run["scene"], run["volume"]
     before = scene.GetNumberOfNodes()
@@ -320,6 +335,8 @@ def test_a_case_is_segmented_next_to_its_file_and_reused_the_second_time(run, tm
     assert job.succeeded, job.process.error
     first = finish_run(scene, job)
     assert (tmp_path / "cases" / "patient7.entropymerge" / "summary.json").is_file()
+    assert sorted(p.suffix for p in job.model.iterdir()) == [".json", ".safetensors"]  # kept for "Save merged model..."
+    discard_model(job.model)
     again = start_run(scene, volume, request, case=case, work_root=str(tmp_path))
     assert again.process is None and again.finished and again.succeeded
     assert finish_run(scene, again).segmentation is first.segmentation

@@ -109,10 +109,14 @@ def engine_environment(base: dict | None = None) -> dict:
     return environment
 
 
-def run_process(request: RunRequest, volume: str | Path, out: str | Path, python: str | None = None) -> EngineProcess:
-    """An ``entropymerge run`` process (not yet started) that segments ``volume`` into ``out``."""
+def run_process(request: RunRequest, volume: str | Path, out: str | Path, python: str | None = None,
+                save_model: str | Path | None = None) -> EngineProcess:
+    """An ``entropymerge run`` process (not yet started) that segments ``volume`` into ``out``
+    (and, with ``save_model``, writes the network that segmented it into that folder)."""
     arguments = [python or python_executable(), "-m", "entropymerge", "run", "--volume", str(volume), "--out", str(out),
                  "--progress", "json", *request.option_arguments()]
+    if save_model is not None:
+        arguments += ["--save-model", str(save_model)]
     return EngineProcess(arguments, engine_environment())
 
 

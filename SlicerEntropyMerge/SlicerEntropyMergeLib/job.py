@@ -29,6 +29,7 @@ class RunJob:
     case: Path | None = None
     options: list[str] | None = None
     process: EngineProcess | None = None
+    model: Path | None = None  # where the engine writes the merged network (kept after the run for "Save merged model...")
 
     @property
     def finished(self) -> bool:
@@ -55,15 +56,18 @@ def start_run(scene, volume, request: RunRequest, labels=None, label_values: dic
             labels_path = write_label_map(scene, labels, volume, work / "labels.nrrd", label_values or {}, scribbles)
             request = replace(request, **({"scribbles": str(labels_path), "rank": True} if scribbles else {"reference": str(labels_path)}))
         options = remembered_options(request.option_arguments(), labels_path)
+        # beside the work folder, which finish_run removes; the ensemble has no single network to keep
+        model = None if request.method == "ensemble" else Path(f"{work}-model")
         if case is not None:
             job = RunJob(volume, cases.results_folder(case), work, case, options)
             if cases.has_reusable_results(case, options):
                 return job
             cases.discard_results(case)
-            job.process = run_process(request, case, job.out)
+            job.model = model
+            job.process = run_process(request, case, job.out, save_model=model)
         else:
-            job = RunJob(volume, work / "out", work, options=options)
-            job.process = run_process(request, write_volume_node(volume, work / "volume.nrrd"), job.out)
+            job = RunJob(volume, work / "out", work, options=options, model=model)
+            job.process = run_process(request, write_volume_node(volume, work / "volume.nrrd"), job.out, save_model=model)
         job.process.start()
         return job
     except BaseException:
@@ -97,3 +101,31 @@ def abandon_run(job: RunJob) -> None:
         if job.case is not None:
             cases.discard_results(job.case)
     shutil.rmtree(job.work, ignore_errors=True)
+    discard_model(job.model)
+
+
+def discard_model(folder: Path | None) -> None:
+    """Remove a run's kept merged model (when a newer run replaces it, or the run failed)."""
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def save_merged_model(model: Path, destination: str | Path) -> Path:
+    """Copy the merged model a run kept (``<name>.safetensors`` + ``<name>.json``) into ``destination``.
+
+    Returns the model card's new path. Raises ``ValueError`` when the run kept no model, or when
+    ``destination`` already holds a file of that name (nothing is overwritten).
+    """
+    cards = sorted(Path(model).glob("*.json")) if model else []
+    if not cards:
+        raise ValueError("This run kept no merged model (the ensemble has none; reused results of a case neither).")
+    card = cards[0]
+    files = [card.with_suffix(".safetensors"), card]  # the card last: it names the weights
+    destination = Path(destination)
+    existing = [str(destination / f.name) for f in files if (destination / f.name).exists()]
+    if existing:
+        raise ValueError(f"Not saved: {', '.join(existing)} already exists; choose another folder.")
+    destination.mkdir(parents=True, exist_ok=True)
+    for file in files:
+        shutil.copyfile(file, destination / file.name)
+    return destination / card.name

@@ -60,8 +60,12 @@ def build_parser() -> ArgumentParser:
     add_common_run_options(run)
     add_adaptation_options(run)
     add_report_option(run)
+    run.add_argument("--save-model", type=Path, metavar="DIR",
+                     help="also write the network that segmented the volume (merged, or merged and adapted) into DIR as a "
+                          "site model: <name>.safetensors + <name>.json")
     run.set_defaults(handler=command_run)
     add_path_command(commands)
+    add_merge_command(commands)
 
     demo = commands.add_parser("demo", help="the whole story on the bundled sample: site models vs mean vs entropy-adaptive merge")
     demo.add_argument("--out", type=Path, help="output folder (default: ./entropymerge-demo, or -2, -3 ... if it exists)")
@@ -191,11 +195,17 @@ def add_adaptation_options(parser: argparse.ArgumentParser) -> None:
     adaptation = parser.add_argument_group("test-time adaptation of the merged model")
     adaptation.add_argument("--adapt", default="none", choices=ADAPT_METHODS,
                             help="tune the normalisation layers on the probe: tent (entropy minimisation) or dsbr (class-balanced "
-                                 "entropy); a guard restores the merged weights if a class vanishes or the foreground shrinks or grows 2x")
+                                 "entropy); a guard restores the merged weights if a class vanishes or the foreground halves or grows 1.25x")
     adaptation.add_argument("--adapt-steps", type=positive_int, default=AdaptationSettings.steps,
                             help=f"adaptation steps (default {AdaptationSettings.steps})")
     adaptation.add_argument("--adapt-lr", type=float, default=AdaptationSettings.learning_rate,
                             help=f"Adam learning rate of the adaptation (default {AdaptationSettings.learning_rate:g})")
+    adaptation.add_argument("--adapt-reliable", dest="adapt_reliable", type=float, metavar="FRACTION",
+                            help="only voxels whose normalised entropy is below FRACTION (of log C) count in the loss "
+                                 "(SAR/EATA use 0.4; default: every voxel)")
+    adaptation.add_argument("--adapt-prior", dest="adapt_prior", type=float, default=0.0, metavar="WEIGHT",
+                            help="weight of a term that holds the predicted class proportions at their start "
+                                 "(KL divergence; default 0: off)")
 
 
 def add_path_command(commands) -> None:
@@ -211,6 +221,8 @@ def add_path_command(commands) -> None:
     path.add_argument("--trust-bundle-code", dest="trust_code", action="store_true", help="allow code in bundles and TorchScript models")
     path.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out")
     path.add_argument("--progress", default="auto", choices=("auto", "bar", "json", "none"))
+    path.add_argument("--save-model-at", type=float, metavar="LAMBDA",
+                      help="also write theta(LAMBDA) into --out as a site model (interpolated.safetensors + interpolated.json)")
     path.set_defaults(handler=command_path)
 
 
@@ -219,10 +231,38 @@ def command_path(args, progress: Progress) -> None:
     from .pipeline import RunOptions
 
     options = RunOptions(**{k: v for k, v in vars(args).items() if k in RunOptions.__dataclass_fields__})
-    summary = run_path(options, args.steps, progress)
+    summary = run_path(options, args.steps, progress, args.save_model_at)
     if args.progress != "json":
         print(path_table(summary["path"]))
         print(f"path:    {summary['outputs']['path_csv']}\n         {summary['outputs']['path_png']}")
+
+
+def add_merge_command(commands) -> None:
+    merge = commands.add_parser("merge", help="merge site models with given coefficients (no volume) into one site model")
+    merge.add_argument("--model", dest="models", action="append", required=True, type=Path,
+                       help="site model, as for run; repeat (the coefficients follow this order)")
+    source = merge.add_mutually_exclusive_group()
+    source.add_argument("--coefficients", metavar="A,B,...", help="body coefficients, one per model, >= 0, summing to 1 (default: the mean)")
+    source.add_argument("--from-summary", type=Path, metavar="RUN/summary.json", help="the coefficients of a finished run")
+    merge.add_argument("--head-coefficients", metavar="A,B,...", help="separate coefficients for the classification head (default: the body's)")
+    merge.add_argument("--name", default="merged", help="model name and file stem (default: merged)")
+    merge.add_argument("--out", required=True, type=Path, help="folder for <name>.safetensors and <name>.json")
+    merge.add_argument("--overwrite", action="store_true", help="write into a folder that is not empty")
+    merge.add_argument("--trust-bundle-code", dest="trust_code", action="store_true", help="allow code in bundles and TorchScript models")
+    merge.add_argument("--progress", default="auto", choices=("auto", "bar", "json", "none"))
+    merge.set_defaults(handler=command_merge)
+
+
+def command_merge(args, progress: Progress) -> None:
+    from .artefact import merge_to_folder
+
+    notes: list[str] = []
+    written = merge_to_folder(args.models, args.out, coefficients=args.coefficients, head_coefficients=args.head_coefficients,
+                              from_summary=args.from_summary, name=args.name, overwrite=args.overwrite,
+                              trust_code=args.trust_code, notes=notes)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"model card: {written['model_card']}\nweights:    {written['model_weights']}")
 
 
 def add_report_option(parser: argparse.ArgumentParser) -> None:

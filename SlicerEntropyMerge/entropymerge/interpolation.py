@@ -20,9 +20,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .artefact import merged_model_card  # noqa: E402
 from .entropy import probe_statistics  # noqa: E402
 from .errors import UserInputError  # noqa: E402
 from .merging import Probe, interpolate, probe_batch_size, probe_probabilities  # noqa: E402
+from .models import save_site_model  # noqa: E402
 from .outputs import OutputFolder  # noqa: E402
 from .pipeline import Case, RunOptions, Timings, input_paths, load_case, plan_merge  # noqa: E402
 from .progress import Progress  # noqa: E402
@@ -153,12 +155,24 @@ def path_table(path: dict) -> str:
     return "\n".join(rows)
 
 
-def run_path(options: RunOptions, steps: int, progress: Progress | None = None) -> dict:
+def save_interpolated(case: Case, lam: float, volume: str, output: OutputFolder) -> None:
+    """theta(lam) as a site model, staged in ``output`` (``model_card``, ``model_weights``)."""
+    network = interpolate(*case.models, lam)
+    card = merged_model_card(case.models, network, name="interpolated", method="interpolation", body=[1.0 - lam, lam],
+                             volume=volume, inference=case.settings)
+    save_site_model(network, card, output.staging, "interpolated")
+    output.files.update(model_weights="interpolated.safetensors", model_card="interpolated.json")
+
+
+def run_path(options: RunOptions, steps: int, progress: Progress | None = None, save_model_at: float | None = None) -> dict:
     """``entropymerge path``: the interpolation path between the two models of ``options``; writes
-    path.csv, path.png and summary.json to ``options.out`` and returns the summary."""
+    path.csv, path.png and summary.json to ``options.out`` and returns the summary. With
+    ``save_model_at`` also theta(save_model_at) as a site model (interpolated.safetensors + .json)."""
     progress = progress or Progress()
     if steps < 2:
         raise UserInputError(f"--steps must be at least 2 (the two endpoints), got {steps}")
+    if save_model_at is not None and not 0.0 <= save_model_at <= 1.0:
+        raise UserInputError(f"--save-model-at must lie in [0, 1] (the weight of model B), got {save_model_at}")
     if options.out is None:
         raise UserInputError("an output folder (--out) is needed")
     output = OutputFolder(options.out, options.overwrite, input_paths(options))
@@ -179,6 +193,8 @@ def run_path(options: RunOptions, steps: int, progress: Progress | None = None) 
         path_figure(path, output.staging / "path.png",
                     f"Interpolation path θ(λ) = (1 − λ)·θ_A + λ·θ_B on {Path(options.volume).name}")
         output.files["path_png"] = "path.png"
+        if save_model_at is not None:
+            save_interpolated(case, save_model_at, Path(options.volume).name, output)
         summary = {"volume": str(options.volume), "steps": steps, "probe": probe_run.probe.describe(),
                    "path": path.to_json(), "device": str(case.device), "timings_s": timings, "notes": progress.notes}
         outputs = output.commit(summary)

@@ -44,6 +44,7 @@ class SiteModel:
     network: torch.nn.Module
     kind: str  # "weights", "bundle" or "torchscript"
     notes: list[str] = field(default_factory=list)
+    weights: Path | None = None  # the weights (or TorchScript) file it was read from
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.network.state_dict()
@@ -171,7 +172,7 @@ def _load_site_model(path: Path, trust_code: bool) -> SiteModel:
         raise UserInputError(f"model card {card_path} has no 'network'; it is needed to build the model from plain weights")
     network = build_network(card.network, f"model card {card_path}: 'network'", trust_code)
     load_weights_into(network, load_state_dict_file(weights), weights, card_path)
-    return SiteModel(card.name, path, card, network.eval(), "weights")
+    return SiteModel(card.name, path, card, network.eval(), "weights", weights=weights)
 
 
 def _card_weights(card: ModelCard, card_path: Path) -> Path:
@@ -189,7 +190,7 @@ def _load_bundle(root: Path, trust_code: bool) -> SiteModel:
     where = f"bundle {root}: 'network_def'"
     network = build_network(card.network, where, trust_code)
     load_weights_into(network, load_state_dict_file(weights), weights, where)
-    return SiteModel(card.name, root, card, network.eval(), "bundle", notes)
+    return SiteModel(card.name, root, card, network.eval(), "bundle", notes, weights)
 
 
 def _load_torchscript(path: Path, card: ModelCard, trust_code: bool) -> SiteModel:
@@ -201,7 +202,7 @@ def _load_torchscript(path: Path, card: ModelCard, trust_code: bool) -> SiteMode
         network = torch.jit.load(str(path), map_location="cpu")
     except (RuntimeError, ValueError, OSError) as error:
         raise UserInputError(f"could not load TorchScript model {path}: {str(error).splitlines()[0]}") from None
-    return SiteModel(card.name, path, card, network.eval(), "torchscript")
+    return SiteModel(card.name, path, card, network.eval(), "torchscript", weights=path)
 
 
 def expand_model_paths(paths: list[str | Path]) -> list[Path]:

@@ -20,6 +20,7 @@ import torch
 
 from . import __version__
 from .adaptation import AdaptationSettings, adapt
+from .artefact import check_model_folder, merged_model_card, write_model_artefact
 from .entropy import predicted_labels, probe_statistics
 from .errors import UserInputError
 from .features import FeatureCache, get_extractor, model_inputs
@@ -99,8 +100,11 @@ class RunOptions:
     adapt: str = "none"  # test-time adaptation of the merged network: none, tent or dsbr
     adapt_steps: int = AdaptationSettings.steps
     adapt_lr: float = AdaptationSettings.learning_rate
+    adapt_reliable: float | None = None  # reliable-voxel filter of the adaptation loss (fraction of log C)
+    adapt_prior: float = 0.0  # weight of the class-proportion term of the adaptation loss
     report: bool = False  # also write report.html (made from the committed outputs)
     memory_limit_gb: float | None = None  # refuse runs estimated to need more (default: this computer's memory)
+    save_model: Path | None = None  # folder for the network that segmented the volume (safetensors + model card)
 
     def adaptive_settings(self) -> AdaptiveSettings:
         return AdaptiveSettings(
@@ -113,7 +117,8 @@ class RunOptions:
         )
 
     def adaptation_settings(self) -> AdaptationSettings:
-        return AdaptationSettings(self.adapt, self.adapt_steps, self.adapt_lr, self.seed)
+        return AdaptationSettings(self.adapt, self.adapt_steps, self.adapt_lr, self.seed, reliable_below=self.adapt_reliable,
+                                   prior_weight=self.adapt_prior)
 
 
 class Timings(dict):
@@ -184,6 +189,8 @@ def validate_options(options: RunOptions) -> None:
         if method.combine == "average":
             raise UserInputError(f"--adapt adapts the single merged network, but --method {method.name} runs every model")
         options.adaptation_settings().check()
+    if options.save_model is not None and method.combine == "average":
+        raise UserInputError(f"--save-model saves the one network that segments the volume, but --method {method.name} runs every model")
 
 
 def inference_settings(model: SiteModel, options: RunOptions) -> InferenceSettings:
@@ -364,6 +371,8 @@ def run(options: RunOptions, progress: Progress | None = None) -> dict:
     if options.out is None:
         raise UserInputError("an output folder (--out) is needed")
     output = OutputFolder(options.out, options.overwrite, input_paths(options), options.volume_format)
+    if options.save_model is not None:
+        check_model_folder(options.save_model, options.overwrite, input_paths(options))
     timings = Timings()
     method = get_method(options.method)
     per_model_runs = options.per_model or (options.rank and options.reference)  # each site model's own result
@@ -390,7 +399,7 @@ def run(options: RunOptions, progress: Progress | None = None) -> dict:
                 plan = MergePlan(method.name, one_hot(best, len(models)), details={"selected": models[best].name})
 
         adapted, adaptation = adapt_merged(case, options, plan, probe_run, progress, timings)  # --adapt
-        segmentation, evaluation, pseudo_labels = None, None, None
+        segmentation, evaluation, pseudo_labels, network = None, None, None, None
         if options.segment or not (options.reference or options.scribbles):
             progress.stage("inference", f"segmenting on {describe_device(case.device)}")
             with timings.measure("inference"):
@@ -424,7 +433,10 @@ def run(options: RunOptions, progress: Progress | None = None) -> dict:
         summary = build_summary(options, case, plan, timings, progress, evaluation, per_model)
         summary["ranking"] = ranking.to_json() if ranking else None
         summary["adaptation"] = adaptation
+        if options.save_model is not None and network is not None:
+            summary["saved_model"] = save_run_model(case, options, plan, network, adaptation)
         outputs = output.commit(summary, release=not options.report)
+        outputs.update(summary.get("saved_model") or {})
     except BaseException:
         output.abort()
         raise
@@ -452,6 +464,17 @@ def adapt_merged(case: Case, options: RunOptions, plan: MergePlan, probe_run: Pr
         network, result = adapt(plan.network(case.models), probe_run.probe, settings, case.device,
                                 probe_batch_size(probe_run.probe, case.settings.roi_size), names, progress)
     return network, result.describe(names, settings)
+
+
+def save_run_model(case: Case, options: RunOptions, plan: MergePlan, network: torch.nn.Module, adaptation: dict | None) -> dict:
+    """--save-model: write the network that segmented the volume as a site model (weights + card)."""
+    adapted = None if adaptation is None else {key: adaptation[key] for key in (
+        "method", "steps", "steps_run", "learning_rate", "seed", "reliable_below", "guard_fired", "restored")}
+    volume = Path(options.volume).name
+    card = merged_model_card(case.models, network, name=f"merged-{volume.split('.')[0]}", method=plan.method,
+                             body=plan.body, head=plan.head, head_keys=plan.head_keys,
+                             volume=volume, inference=case.settings, adaptation=adapted)
+    return write_model_artefact(network, card, options.save_model)
 
 
 def label_source(case: Case, options: RunOptions, pseudo_labels: np.ndarray | None) -> LabelSource:

@@ -1,0 +1,258 @@
+"""Merged models as artefacts: the one network a merge (or a merge and an adaptation) produced,
+written as ``<name>.safetensors`` + ``<name>.json``, a model card that loads back as a site model.
+
+The card takes labels, input channels, preprocessing, stable features, head and feature taps from
+the source models, and the sliding-window settings of the run; ``training`` records the provenance:
+the source models with the SHA-256 of their weights files, the method, the coefficients alpha
+(body) and beta (head), the volume and the entropymerge version.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import inspect
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .errors import UserInputError
+from .modelcard import InferenceSettings, ModelCard
+from .models import SiteModel, save_site_model
+from .outputs import safe_file_stem
+from .safeconfig import build_network, network_class
+
+NORM_ARGUMENTS = ("norm", "norm_name")  # how MONAI networks name their normalisation layer argument
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def source_record(model: SiteModel) -> dict:
+    """One source model in the provenance: name, site, the file it came from, and its weights' SHA-256."""
+    weights = model.weights or model.source
+    return {"name": model.name, "site": model.card.site, "source": str(model.source), "weights": str(weights),
+            "sha256": file_sha256(weights) if weights.is_file() else None}
+
+
+def named_coefficients(models: Sequence[SiteModel], values) -> dict[str, float] | None:
+    """{model name: coefficient} at full precision (the card must reproduce the merge exactly)."""
+    return None if values is None else {m.name: float(v) for m, v in zip(models, values)}
+
+
+def check_model_folder(folder: Path, overwrite: bool, protected: Sequence[Path] = ()) -> None:
+    """Refuse, before any work, a model folder that holds files unless ``overwrite``, or that holds an input
+    (``protected``: the source models, the volume)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserInputError(f"model folder {folder} is a file, not a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        raise UserInputError(f"model folder {folder} is not empty; choose another folder or add --overwrite")
+    resolved = folder.resolve()
+    for path in protected:
+        if Path(path).resolve().parent == resolved or Path(path).resolve() == resolved:
+            raise UserInputError(f"model folder {folder} holds an input of this command ({path}); choose another folder")
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserInputError(f"cannot write to model folder {folder}: {existing} is not writable")
+
+
+def network_spec(network: torch.nn.Module, spec: dict) -> dict:
+    """The network spec that builds a network with exactly ``network``'s state-dict layout.
+
+    Usually ``spec`` itself. After adaptation, normalisation layers built without affine
+    parameters carry the identity affines they were given (and then trained): the spec is then
+    the same network with affine normalisation (``norm=(name, {"affine": True})``).
+    """
+    expected = {k: tuple(v.shape) for k, v in network.state_dict().items()}
+    layouts = lambda s: {k: tuple(v.shape) for k, v in build_network(s, "merged model").state_dict().items()}
+    if layouts(spec) == expected:
+        return spec
+    candidate = _with_affine_norms(spec)
+    if candidate is not None and layouts(candidate) == expected:
+        return candidate
+    raise UserInputError(f"the adapted network's parameters do not fit the network '{spec.get('_target_')}' of its sources, "
+                         "even with affine normalisation; it cannot be saved as weights and a model card")
+
+
+def _with_affine_norms(spec: dict) -> dict | None:
+    """``spec`` with affine=True added to its normalisation argument, or None when it has none."""
+    parameters = inspect.signature(network_class(spec["_target_"], "merged model")).parameters
+    key = next((k for k in NORM_ARGUMENTS if k in spec or k in parameters), None)
+    if key is None:
+        return None
+    norm = spec.get(key, parameters[key].default)
+    if isinstance(norm, str):
+        name, arguments = norm, {}
+    elif isinstance(norm, (list, tuple)) and len(norm) == 2 and isinstance(norm[1], dict):
+        name, arguments = norm
+    else:
+        return None
+    return {**spec, key: [name, {**arguments, "affine": True}]}
+
+
+def merged_model_card(
+    models: Sequence[SiteModel],
+    network: torch.nn.Module,
+    *,
+    name: str,
+    method: str,
+    body: Sequence[float],
+    head: Sequence[float] | None = None,
+    head_keys: Sequence[str] = (),
+    volume: str | None = None,
+    inference: InferenceSettings | None = None,
+    adaptation: dict | None = None,
+) -> ModelCard:
+    """The card of a merged network: the sources' card fields and the merge's provenance in ``training``."""
+    first = models[0].card
+    if first.network is None:
+        raise UserInputError(f"'{models[0].name}' is a TorchScript program: a merge of it cannot be saved as weights and a model card")
+    names = ", ".join(m.name for m in models)
+    training = {
+        "merged_by": f"entropymerge {__version__}",
+        "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "method": method,
+        "sources": [source_record(m) for m in models],
+        "coefficients": {"body": named_coefficients(models, body), "head": named_coefficients(models, head)},
+        "head_parameters": sorted(head_keys) if head is not None else None,  # the state-dict keys merged with beta
+        "volume": volume,
+        "adaptation": adaptation,
+    }
+    return replace(
+        first,
+        name=name,
+        site=f"merged from {len(models)} site models",
+        description=f"{method} merge of {names}" + (f" for {volume}" if volume else "")
+                    + (f", adapted with {adaptation['method'].upper()}" if adaptation and not adaptation.get("restored") else ""),
+        weights=None,
+        network=network_spec(network, first.network),
+        inference=inference or first.inference,
+        training=training,
+    )
+
+
+def write_model_artefact(network: torch.nn.Module, card: ModelCard, folder: Path) -> dict[str, str]:
+    """Write ``<name>.safetensors`` and ``<name>.json`` into ``folder``; returns their paths.
+
+    Callers check the folder first (``check_model_folder``), before any work. Both files are
+    written in a hidden folder beside them and moved into place, the card last, so a folder never
+    holds a card whose weights are missing or half written.
+    """
+    folder = Path(folder)
+    stem = safe_file_stem(card.name)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".entropymerge-model-", dir=folder))
+    except OSError as error:
+        raise UserInputError(f"cannot write to model folder {folder}: {error.strerror or error}") from None
+    try:
+        save_site_model(network, card, staging, stem)
+        for suffix in (".safetensors", ".json"):
+            os.replace(staging / f"{stem}{suffix}", folder / f"{stem}{suffix}")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {"model_weights": str(folder / f"{stem}.safetensors"), "model_card": str(folder / f"{stem}.json")}
+
+
+def parse_coefficients(text: str, count: int, option: str) -> np.ndarray:
+    """``"0.5,0.3,0.2"`` -> (K,) coefficients; exit-2 errors for a wrong count, a negative value or a sum other than 1.
+
+    They are not normalised: a sum other than 1 is more likely a typo than an intent.
+    """
+    try:
+        values = np.array([float(v) for v in text.split(",")], dtype=np.float64)
+    except ValueError:
+        raise UserInputError(f"{option} must be comma-separated numbers such as 0.5,0.3,0.2; got {text!r}") from None
+    return checked_coefficients(values, count, option)
+
+
+def checked_coefficients(values, count: int, option: str) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float64)
+    if values.shape != (count,):
+        raise UserInputError(f"{option} has {values.size} values but {count} models were given; give one per model, in order")
+    if not np.isfinite(values).all() or (values < 0).any():
+        raise UserInputError(f"{option} must be finite and non-negative; got {values.tolist()}")
+    if abs(values.sum() - 1.0) > 1e-4:
+        raise UserInputError(f"{option} must sum to 1 (they are not normalised for you); got {values.tolist()}, "
+                             f"which sum to {values.sum():.6g}")
+    return values / values.sum()  # removes the rounding of printed values (|sum - 1| <= 1e-4)
+
+
+def coefficients_from_summary(path: Path, models: Sequence[SiteModel]) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """Body and head coefficients of a finished run (its ``summary.json``), in the order of ``models``.
+
+    Returns (alpha, beta or None when the head was not decoupled, the run's record: method, volume,
+    adaptation). The names in the summary must be those of ``models``.
+    """
+    import json
+
+    try:
+        summary = json.loads(Path(path).read_text(encoding="utf-8"))
+        method, coefficients = summary["method"], summary["coefficients"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserInputError(f"--from-summary {path}: not a readable run summary ({error})") from None
+    if coefficients.get("body") is None:
+        raise UserInputError(f"--from-summary {path}: the run used --method {method}, which merges no weights")
+    names = [m.name for m in models]
+    if sorted(coefficients["body"]) != sorted(names):
+        raise UserInputError(f"--from-summary {path} names the models {', '.join(coefficients['body'])}, but "
+                             f"{', '.join(names)} were given; give the run's models")
+    body = checked_coefficients([coefficients["body"][n] for n in names], len(models), "the summary's body coefficients")
+    head = None
+    if summary.get("decoupled_head") and coefficients.get("head"):
+        head = checked_coefficients([coefficients["head"][n] for n in names], len(models), "the summary's head coefficients")
+    record = {"method": method, "volume": Path(str((summary.get("volume") or {}).get("path", ""))).name or None,
+              "adaptation": summary.get("adaptation")}
+    return body, head, record
+
+
+def merge_to_folder(model_paths: Sequence[Path], folder: Path, *, coefficients: str | None = None,
+                    head_coefficients: str | None = None, from_summary: Path | None = None, name: str = "merged",
+                    overwrite: bool = False, trust_code: bool = False, notes: list[str] | None = None) -> dict[str, str]:
+    """``entropymerge merge``: merge the site models with given (or a run's) coefficients, without a volume,
+    and write the merged network as a site model into ``folder``. Without coefficients: the mean merge."""
+    from .merging import detect_head, mean_coefficients, merged_network
+    from .models import check_compatible, expand_model_paths, load_site_models
+
+    if coefficients and from_summary:
+        raise UserInputError("give --coefficients or --from-summary, not both")
+    if head_coefficients and from_summary:
+        raise UserInputError("--from-summary takes the head coefficients from the run; do not also give --head-coefficients")
+    check_model_folder(folder, overwrite, expand_model_paths(list(model_paths)))
+    models = load_site_models(list(model_paths), trust_code)
+    check_compatible(models)
+    record: dict = {"method": "mean" if coefficients is None else "weighted", "volume": None, "adaptation": None}
+    head = None
+    if from_summary:
+        body, head, record = coefficients_from_summary(from_summary, models)
+        if record["adaptation"] and not record["adaptation"].get("restored"):
+            (notes if notes is not None else []).append(
+                "the run adapted its merged model; this is the merge before adaptation (run --save-model keeps the adapted one)")
+    else:
+        body = parse_coefficients(coefficients, len(models), "--coefficients") if coefficients else mean_coefficients(models)
+        if head_coefficients:
+            head = parse_coefficients(head_coefficients, len(models), "--head-coefficients")
+    head_keys: frozenset[str] = frozenset()
+    if head is not None:
+        found = detect_head(models[0].network, models[0].card.num_classes, models[0].card.head)
+        if found is None:
+            raise UserInputError("the head of these models could not be told apart from the body, so it cannot have its own "
+                                 "coefficients; name it in the model card's 'head'")
+        head_keys = found.keys
+    network = merged_network(models, body, head_keys, head)
+    card = merged_model_card(models, network, name=name, method=record["method"], body=body, head=head,
+                             head_keys=head_keys, volume=record["volume"])
+    return write_model_artefact(network, card, folder)
