@@ -370,9 +370,9 @@ def run(options: RunOptions, progress: Progress | None = None) -> dict:
         options = replace(options, rank=True)  # scribbles are only used to rank
     if options.out is None:
         raise UserInputError("an output folder (--out) is needed")
-    output = OutputFolder(options.out, options.overwrite, input_paths(options), options.volume_format)
-    if options.save_model is not None:
+    if options.save_model is not None:  # before the output folder takes its lock: the two may be one folder
         check_model_folder(options.save_model, options.overwrite, input_paths(options))
+    output = OutputFolder(options.out, options.overwrite, input_paths(options), options.volume_format)
     timings = Timings()
     method = get_method(options.method)
     per_model_runs = options.per_model or (options.rank and options.reference)  # each site model's own result
@@ -473,7 +473,7 @@ def save_run_model(case: Case, options: RunOptions, plan: MergePlan, network: to
     volume = Path(options.volume).name
     card = merged_model_card(case.models, network, name=f"merged-{volume.split('.')[0]}", method=plan.method,
                              body=plan.body, head=plan.head, head_keys=plan.head_keys,
-                             volume=volume, inference=case.settings, adaptation=adapted)
+                             volume=volume, inference=inference_settings(case.models[0], options), adaptation=adapted)
     return write_model_artefact(network, card, options.save_model)
 
 
