@@ -240,9 +240,11 @@ def load_case(options: RunOptions, progress: Progress, timings: Timings) -> Case
             painted = read_label_map(options.scribbles, volume.geometry, "scribbles", allow_negative=True)
             scribbles = Volume(scribble_labels(painted, len(card.labels), options.unlabelled_value, options.scribbles), painted.geometry)
         device = resolve_device(options.device)
-        check_runs(models[0], settings.roi_size, device=device)
-        if options.probe_size:
-            check_runs(models[0], tuple(options.probe_size), "probe patch", device)
+        # One forward pass at the probe's size checks channels and classes (an eighth of a window's cost);
+        # a window the user chose is checked as given.
+        check_runs(models[0], tuple(options.probe_size or default_probe_size(settings.roi_size)), "probe patch", device)
+        if options.roi_size:
+            check_runs(models[0], settings.roi_size, device=device)
     for model in models:
         for note in model.notes:
             progress.note(f"{model.name}: {note}")
