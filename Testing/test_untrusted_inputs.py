@@ -213,6 +213,23 @@ def test_two_concurrent_runs_into_one_folder_one_wins(tmp_path, model_factory):
     assert not list(out.glob(".entropymerge-*"))
 
 
+def test_a_release_interrupted_by_ctrl_c_can_run_again(tmp_path, monkeypatch):
+    """Ctrl-C right after the lock file is closed makes the run abort, which releases again: no second close."""
+    lock = FolderLock(tmp_path / "out")
+    real_close = os.close
+
+    def close_then_interrupt(descriptor):
+        real_close(descriptor)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "close", close_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        lock.release()
+    monkeypatch.undo()
+    lock.release()  # before the fix: OSError "Bad file descriptor" (or another file's descriptor closed)
+    assert not (tmp_path / "out" / LOCK_NAME).exists()
+
+
 # -- 5. killed runs --------------------------------------------------------------------------------
 
 def start_slow_run(tmp_path, model_factory, out):
