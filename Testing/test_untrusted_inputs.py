@@ -213,6 +213,23 @@ def test_two_concurrent_runs_into_one_folder_one_wins(tmp_path, model_factory):
     assert not list(out.glob(".entropymerge-*"))
 
 
+def test_a_release_interrupted_by_ctrl_c_can_run_again(tmp_path, monkeypatch):
+    """Ctrl-C right after the lock file is closed makes the run abort, which releases again: no second close."""
+    lock = FolderLock(tmp_path / "out")
+    real_close = os.close
+
+    def close_then_interrupt(descriptor):
+        real_close(descriptor)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "close", close_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        lock.release()
+    monkeypatch.undo()
+    lock.release()  # before the fix: OSError "Bad file descriptor" (or another file's descriptor closed)
+    assert not (tmp_path / "out" / LOCK_NAME).exists()
+
+
 # -- 5. killed runs --------------------------------------------------------------------------------
 
 def start_slow_run(tmp_path, model_factory, out):
@@ -430,11 +447,12 @@ def test_models_lists_a_bad_bundle_as_not_usable_and_exits_2(tmp_path):
     assert "NOT USABLE: bundle " in result.stdout and "holds a value of the wrong type" in result.stdout
 
 
-def test_a_window_the_network_cannot_take_exits_2_before_the_probe(tmp_path, volume, model_factory):
-    result = run_cli("run", "--volume", volume, "--model", model_factory("a"), "--roi-size", "33", "33", "33",
+@pytest.mark.parametrize("option, what", [("--roi-size", "sliding window"), ("--probe-size", "probe patch")])
+def test_a_window_the_network_cannot_take_exits_2_before_the_probe(tmp_path, volume, model_factory, option, what):
+    result = run_cli("run", "--volume", volume, "--model", model_factory("a"), option, "33", "33", "33",
                      "--out", tmp_path / "out", "--progress", "json")
     line = one_line_error(result)
-    assert "cannot run on a sliding window of 33x33x33 voxels with 1 input channel(s)" in line
+    assert f"cannot run on a {what} of 33x33x33 voxels with 1 input channel(s)" in line
     stages = [json.loads(record)["stage"] for record in result.stdout.splitlines() if '"progress"' in record]
     assert "probe" not in stages and "preprocess" not in stages, "refused while loading"
 

@@ -299,8 +299,9 @@ def describe_models(paths: list[str | Path], trust_code: bool = False) -> list[d
     return entries
 
 
-def check_runs(model: SiteModel, window: tuple[int, int, int], what: str = "sliding window") -> None:
-    """One forward pass of zeros, (1, C_in, *window), through ``model`` before any real work.
+def check_runs(model: SiteModel, window: tuple[int, int, int], what: str = "sliding window",
+               device: torch.device | str = "cpu") -> None:
+    """One forward pass of zeros, (1, C_in, *window), through ``model`` on ``device`` before any real work.
 
     Its card's input channels must fit the network, the window must suit the network's strides,
     and the output must be a segmentation on the window: (1, number of labels, *window).
@@ -309,11 +310,15 @@ def check_runs(model: SiteModel, window: tuple[int, int, int], what: str = "slid
     where = f"site model '{model.name}' ({model.source})"
     try:
         with torch.no_grad():
-            output = model.network.eval()(torch.zeros(1, card.input_channels, *window))
+            output = model.network.to(device).eval()(torch.zeros(1, card.input_channels, *window, device=device))
+    except torch.cuda.OutOfMemoryError:
+        return  # not a problem of the model: inference falls back to smaller batches or the CPU
     except Exception as error:  # whatever the network raises, the cause is the card, the window or the network spec
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise UserInputError(f"{where} cannot run on a {what} of {size} voxels with {card.input_channels} input channel(s): "
                              f"{reason} (check the card's input_channels and network, and the window size)") from None
+    finally:
+        model.network.cpu()  # where the other site models are, for merging
     expected = (1, card.num_classes, *window)
     shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
     if shape != expected:

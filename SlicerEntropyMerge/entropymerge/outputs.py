@@ -203,12 +203,15 @@ class FolderLock:
         self._descriptor = descriptor
 
     def release(self) -> None:
-        if self._descriptor is None:
+        # Forget the descriptor first: a signal (Ctrl-C) raised in here leads to a second call.
+        descriptor, self._descriptor = self._descriptor, None
+        if descriptor is None:
             return
-        with contextlib.suppress(OSError):  # Windows keeps an open file: it stays, unlocked
-            self.path.unlink(missing_ok=True)  # removed while still locked, so nobody locks a file about to vanish
-        os.close(self._descriptor)  # closing frees the OS lock
-        self._descriptor = None
+        try:
+            with contextlib.suppress(OSError):  # Windows keeps an open file: it stays, unlocked
+                self.path.unlink(missing_ok=True)  # removed while still locked, so nobody locks a file about to vanish
+        finally:
+            os.close(descriptor)  # closing frees the OS lock
         if self._made_folder:
             with contextlib.suppress(OSError):  # not empty: it holds results
                 self.path.parent.rmdir()

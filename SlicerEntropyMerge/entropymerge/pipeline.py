@@ -247,9 +247,6 @@ def load_case(options: RunOptions, progress: Progress, timings: Timings) -> Case
         card = models[0].card
         settings = inference_settings(models[0], options)
         check_memory(volume.geometry, card, settings, options.memory_limit_gb)
-        check_runs(models[0], settings.roi_size)
-        if options.probe_size:
-            check_runs(models[0], tuple(options.probe_size), "probe patch")
         reference = None
         if options.reference:
             reference = read_label_map(options.reference, volume.geometry)
@@ -264,6 +261,11 @@ def load_case(options: RunOptions, progress: Progress, timings: Timings) -> Case
             painted = read_label_map(options.scribbles, volume.geometry, "scribbles", allow_negative=True)
             scribbles = Volume(scribble_labels(painted, len(card.labels), options.unlabelled_value, options.scribbles), painted.geometry)
         device = resolve_device(options.device)
+        # One forward pass at the probe's size checks channels and classes (an eighth of a window's cost);
+        # a window the user chose is checked as given.
+        check_runs(models[0], tuple(options.probe_size or default_probe_size(settings.roi_size)), "probe patch", device)
+        if options.roi_size:
+            check_runs(models[0], settings.roi_size, device=device)
     for model in models:
         for note in model.notes:
             progress.note(f"{model.name}: {note}")

@@ -13,6 +13,8 @@ import sys
 import threading
 from typing import Sequence, TextIO
 
+from .validation import one_line
+
 
 class Progress:
     """Reporter that prints only notes (to stderr); the base of the others. ``cancel()`` makes the next update raise ``Cancelled``."""
@@ -44,7 +46,8 @@ class Progress:
         self._emit_progress(message)
 
     def note(self, message: str, level: str = "warning") -> None:
-        """Something the user should know (a fallback taken, a value clamped)."""
+        """Something the user should know (a fallback taken, a value clamped), as one printable line."""
+        message = one_line(message)
         self.notes.append(message)
         self._emit_log(level, message)
 
