@@ -12,9 +12,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .entropy import probe_statistics
 from .inference import Segmentation
-from .merging import AdaptiveSettings, MergePlan, adaptive_plan, mean_coefficients, one_hot, probe_batch_size, select_probe, site_scores
+from .merging import (
+    AdaptiveSettings,
+    MergePlan,
+    adaptive_plan,
+    mean_coefficients,
+    one_hot,
+    plan_statistics,
+    probe_batch_size,
+    select_probe,
+    site_scores,
+)
 from .pipeline import Case, default_probe_size, site_probe_outputs
 from .progress import Progress
 
@@ -78,7 +87,8 @@ def compare_methods(
     (outputs, _), pass_seconds = _timed(lambda: site_probe_outputs(case, probe, Progress()))
     probe_seconds += pass_seconds
     comparison.probe = probe.describe()
-    comparison.statistics = {k: named(v) for k, v in probe_statistics(outputs).items()}
+    stats = plan_statistics(models, probe, outputs)
+    comparison.statistics = {k: named(v) for k, v in stats.items()}
     batch = probe_batch_size(probe, case.settings.roi_size)
 
     site_seconds, ensemble_sum = [], None
@@ -114,7 +124,7 @@ def compare_methods(
         merged(lambda variant=variant: adaptive_plan(models, probe, outputs, variant, case.device, batch), f"adaptive:{name}",
                f"entropy-adaptive merge [{name}]")
 
-    scores = site_scores(probe_statistics(outputs), settings.statistic)
+    scores = site_scores(stats, settings.statistic)
     chosen = int(np.argmin(scores))
     chosen_result = comparison.get(f"site:{names[chosen]}")
     comparison.results.append(MethodResult("select", f"entropy-selected model ({names[chosen]})", chosen_result.segmentation,

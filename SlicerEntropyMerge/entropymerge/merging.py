@@ -8,7 +8,7 @@ models' parameters and ``merged_network`` builds the single network that runs on
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,6 +17,7 @@ import torch
 from .entropy import probe_statistics
 from .errors import UserInputError
 from .features import pad_to_multiple
+from .fingerprint import fingerprint_distances, intensity_fingerprint
 from .models import SiteModel
 
 
@@ -307,7 +308,46 @@ def head_probabilities(body_network: torch.nn.Module, head: Head, models: Sequen
 # ---------------------------------------------------------------------------------------------
 # Entropy-adaptive coefficients.
 
-STATISTICS = ("entropy", "foreground_entropy", "balanced_entropy", "consensus")
+@dataclass(frozen=True)
+class Statistic:
+    """One label-free per-model score s_k behind alpha = softmax(-s / tau) (lower = more trusted).
+
+    ``shrink``: pull alpha toward the mean merge as far as the models disagree (see ``shrink_toward_mean``).
+    """
+
+    score: Callable[[dict[str, list[float]]], list[float]]
+    shrink: bool = False
+    description: str = ""
+
+
+def _sum(*keys: str) -> Callable[[dict[str, list[float]]], list[float]]:
+    return lambda stats: [float(sum(values)) for values in zip(*(stats[key] for key in keys))]
+
+
+STATISTICS: dict[str, Statistic] = {
+    "entropy": Statistic(_sum("entropy"), description="mean normalised entropy H_k"),
+    "foreground_entropy": Statistic(_sum("foreground_entropy"), description="H_k weighted by 1 - mean_k p_k,bg"),
+    "balanced_entropy": Statistic(_sum("balanced_entropy"), description="class-balanced entropy"),
+    "consensus": Statistic(_sum("foreground_entropy", "disagreement"), description="foreground entropy + Jensen-Shannon to the mean"),
+    "cross_entropy": Statistic(_sum("cross_entropy"), description="leave-one-out consensus cross-entropy"),
+    "biased_entropy": Statistic(_sum("balanced_entropy", "prediction_bias"), description="class-balanced entropy + prediction bias"),
+    "cross_entropy_bias": Statistic(_sum("cross_entropy", "prediction_bias"), description="consensus cross-entropy + prediction bias"),
+    "shrunk_cross_entropy": Statistic(_sum("cross_entropy"), shrink=True,
+                                      description="consensus cross-entropy, shrunk toward the mean merge by disagreement"),
+    "fingerprint": Statistic(_sum("fingerprint_distance"), description="distance of the target's intensities to the site's training data"),
+    "cross_entropy_fingerprint": Statistic(_sum("cross_entropy", "fingerprint_distance"),
+                                           description="consensus cross-entropy + intensity fingerprint distance"),
+}
+
+
+def plan_statistics(models: Sequence[SiteModel], probe: Probe, outputs: Sequence[torch.Tensor]) -> dict[str, list[float]]:
+    """``probe_statistics`` of the site models' probe outputs, plus ``fingerprint_distance`` when every
+    model card carries an intensity fingerprint of its training data."""
+    stats = probe_statistics(outputs)
+    distances = fingerprint_distances([m.card.training for m in models], intensity_fingerprint(probe.patches[:, 0]))
+    if distances is not None:
+        stats["fingerprint_distance"] = distances
+    return stats
 
 
 def softmax_coefficients(scores: Sequence[float], temperature: float) -> np.ndarray:
@@ -319,14 +359,32 @@ def softmax_coefficients(scores: Sequence[float], temperature: float) -> np.ndar
     return weights / weights.sum()
 
 
+def shrink_toward_mean(alpha: Sequence[float], disagreement: Sequence[float]) -> np.ndarray:
+    """alpha' = lam alpha + (1 - lam) / K with lam = 1 - mean_k JS_k / ln 2 (T3-style agreement gating).
+
+    ``disagreement``: each model's Jensen-Shannon divergence to the mean output, in units of ln 2
+    (so in [0, 1]). Models that agree keep their adaptive weights; the more they disagree, the
+    closer the merge comes to the mean merge.
+    """
+    alpha = np.asarray(alpha, dtype=np.float64)
+    agreement = 1.0 - float(np.clip(np.mean(disagreement), 0.0, 1.0))
+    return agreement * alpha + (1.0 - agreement) / len(alpha)
+
+
 def site_scores(stats: dict[str, list[float]], statistic: str) -> list[float]:
-    """The per-model uncertainty that drives alpha. ``consensus`` adds the disagreement with the others
-    to the foreground-weighted entropy, so a confidently wrong model does not win."""
-    if statistic == "consensus":
-        return [h + d for h, d in zip(stats["foreground_entropy"], stats["disagreement"])]
-    if statistic not in stats:
+    """The per-model score s_k that drives alpha (see ``STATISTICS``)."""
+    if statistic not in STATISTICS:
         raise UserInputError(f"unknown statistic {statistic!r}; choose one of {', '.join(STATISTICS)}")
-    return list(stats[statistic])
+    if statistic in ("fingerprint", "cross_entropy_fingerprint") and "fingerprint_distance" not in stats:
+        raise UserInputError(f"--statistic {statistic} needs an intensity fingerprint of the training data in every "
+                             "model card (training.intensity_fingerprint, written by entropymerge train)")
+    return STATISTICS[statistic].score(stats)
+
+
+def statistic_coefficients(stats: dict[str, list[float]], statistic: str, temperature: float) -> np.ndarray:
+    """alpha from the probe statistics: softmax(-s / tau), shrunk toward the mean where the statistic says so."""
+    alpha = softmax_coefficients(site_scores(stats, statistic), temperature)
+    return shrink_toward_mean(alpha, stats["disagreement"]) if STATISTICS[statistic].shrink else alpha
 
 
 @dataclass
@@ -365,9 +423,9 @@ def adaptive_plan(
 ) -> MergePlan:
     """alpha = softmax(-H / tau) from the site models' probe outputs; beta from each head's entropy on
     the alpha-merged body's features; optionally the best of a few candidates by merged probe entropy."""
-    stats = probe_statistics(site_probabilities)
+    stats = plan_statistics(models, probe, site_probabilities)
     scores = site_scores(stats, settings.statistic)
-    alpha = softmax_coefficients(scores, settings.temperature)
+    alpha = statistic_coefficients(stats, settings.statistic, settings.temperature)
     details: dict = {"statistics": stats, "scores": scores, "statistic": settings.statistic,
                      "temperature": settings.temperature, "probe": probe.describe()}
     plan = MergePlan("adaptive", alpha, details=details)
@@ -379,8 +437,10 @@ def adaptive_plan(
         apply_batchnorm_policy(body, probe, settings.batchnorm, device, batch_size)
         per_head = head_probabilities(body, head, models, probe, device, batch_size)
         head_stats = probe_statistics(per_head)
+        if "fingerprint_distance" in stats:  # a property of the site's data, not of its head
+            head_stats["fingerprint_distance"] = stats["fingerprint_distance"]
         head_scores = site_scores(head_stats, settings.statistic)
-        plan.head = softmax_coefficients(head_scores, settings.head_temperature)
+        plan.head = statistic_coefficients(head_stats, settings.statistic, settings.head_temperature)
         plan.head_keys = head.keys
         details.update(head_module=head.module_name, head_scores=head_scores, head_temperature=settings.head_temperature)
     if settings.refine:
