@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from .evaluation import Comparison, compare_methods, comparison_summary, comparison_table
-from .figures import ENTROPY_COLORMAP, ENTROPY_LABEL, busiest_slice, canonical, intensity_window, show_image, show_labels
+from .figures import ENTROPY_COLORMAP, ENTROPY_LABEL, canonical, intensity_window, most_different_slice, show_image, show_labels
 from .outputs import OutputFolder, safe_file_stem
 from .pipeline import Case, RunOptions, Timings, load_case
 from .progress import Progress
@@ -105,7 +105,8 @@ def _report(name: str, case: Case, comparison: Comparison) -> str:
 
 
 def demo_figure(rows, path: Path) -> Path:
-    """Per target: the scan, ground truth, mean-merge and adaptive-merge overlays, and the adaptive entropy map."""
+    """Per target: the scan, ground truth, mean-merge and adaptive-merge overlays, and the adaptive
+    merge's entropy over the dimmed scan, on the axial slice where the two merges differ most."""
     columns = ["target", "ground truth", "mean merge", "entropy-adaptive merge", "adaptive: entropy"]
     figure, axes = plt.subplots(len(rows), len(columns), figsize=(3.2 * len(columns), 3.6 * len(rows) + 0.8), squeeze=False,
                                 layout="constrained")
@@ -113,14 +114,16 @@ def demo_figure(rows, path: Path) -> Path:
         geometry = case.volume.geometry
         image = canonical(case.volume.array.astype(np.float32), geometry)
         truth = canonical(case.reference.array, geometry)
-        index = busiest_slice(truth)
+        mean, adaptive = comparison.get("mean"), comparison.get("adaptive")
+        mean_labels, adaptive_labels = canonical(mean.segmentation.labels, geometry), canonical(adaptive.segmentation.labels, geometry)
+        index = most_different_slice(mean_labels, adaptive_labels, truth)
         window = intensity_window(image.array)
         labels = case.labels
         panels = [
             (None, "target"),
             (truth, "ground truth"),
-            (canonical(comparison.get("mean").segmentation.labels, geometry), f"mean merge: Dice {comparison.get('mean').mean_dice:.2f}"),
-            (canonical(comparison.get("adaptive").segmentation.labels, geometry), f"adaptive merge: Dice {comparison.get('adaptive').mean_dice:.2f}"),
+            (mean_labels, f"mean merge\nDice {mean.mean_dice:.2f} (whole volume)"),
+            (adaptive_labels, f"adaptive merge\nDice {adaptive.mean_dice:.2f} (whole volume)"),
         ]
         for axes_, (overlay, title) in zip(row, panels):
             show_image(axes_, image, "axial", index, window)
@@ -128,18 +131,18 @@ def demo_figure(rows, path: Path) -> Path:
                 show_labels(axes_, overlay, "axial", index, labels)
             axes_.set_title(title, fontsize=10)
         row[0].set_ylabel(name, fontsize=11)
-        entropy = canonical(comparison.get("adaptive").segmentation.entropy, geometry)
+        entropy = canonical(adaptive.segmentation.entropy, geometry)
         plane, aspect = entropy.slice("axial", index)
-        shown = row[4].imshow(plane, cmap=ENTROPY_COLORMAP, origin="lower", aspect=aspect, vmin=0, vmax=1)
-        row[4].set_xticks([])
-        row[4].set_yticks([])
-        row[4].set_title("adaptive merge: entropy", fontsize=10)
+        show_image(row[4], image, "axial", index, window, brightness=0.35)
+        shown = row[4].imshow(np.ma.masked_less(plane, 0.02), cmap=ENTROPY_COLORMAP, origin="lower", aspect=aspect, vmin=0, vmax=1,
+                              alpha=0.85, interpolation="nearest")
+        row[4].set_title("adaptive merge: entropy\nover the dimmed scan", fontsize=10)
         bar = figure.colorbar(shown, ax=row[4], fraction=0.046, pad=0.04)
         bar.set_label(ENTROPY_LABEL, fontsize=8)
     handles = [plt.Rectangle((0, 0), 1, 1, color=label.rgb) for label in rows[0][1].labels[1:]]
     figure.legend(handles, [label.name for label in rows[0][1].labels[1:]], loc="outside lower center", ncol=len(handles), frameon=False)
-    figure.suptitle("Unseen-site targets: ground truth vs the mean merge and the entropy-adaptive merge (axial, radiological view)", fontsize=12)
+    figure.suptitle("Unseen-site targets: the mean merge vs the entropy-adaptive merge, on the axial slice where they differ most "
+                    "(radiological view; Dice over the whole volume)", fontsize=11)
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
-
