@@ -9,6 +9,8 @@ One table per pool; every method runs on the same targets in the same process:
 - ``contrast``: the real MONAI template bundle and two fine-tunes of it on other contrasts
   (``contrast_pool.py``); on every target at least one site is confidently wrong.
 
+Statistics that need an intensity fingerprint in the model cards run only on pools whose cards have one.
+
 Simulated targets use test seeds (>= 900000, never trained on) from ``--seed-index`` on; the
 contrast pool's phantoms use seeds 5000 + ``--seed-index`` on (its fine-tunes train on 1000-3999):
 
@@ -30,7 +32,9 @@ from ranking_quality import CACHE, undertrained_models
 from tables import publish
 
 from entropymerge.evaluation import compare_methods
+from entropymerge.fingerprint import FINGERPRINT_KEY
 from entropymerge.merging import STATISTICS, AdaptiveSettings
+from entropymerge.models import load_site_models
 from entropymerge.pipeline import RunOptions, Timings, load_case
 from entropymerge.progress import Progress
 from entropymerge.sampledata import TARGET_SITES, bundled_models, write_case
@@ -126,14 +130,17 @@ def main(argv=None) -> int:
              "the foreground classes per target; mean ± sd over targets."]
     for pool in args.pools:
         models = pool_models(pool)
+        fingerprints = all(FINGERPRINT_KEY in m.card.training for m in load_site_models(models))
+        pool_variants = {k: v for k, v in variants.items() if fingerprints or "fingerprint" not in v.statistic}
+        pool_methods = [m for m in methods if not m.startswith("adaptive:") or m[len("adaptive:"):] in pool_variants]
         with tempfile.TemporaryDirectory() as folder:
             targets = pool_targets(pool, args.per_site, args.seed_index, Path(folder))
             print(f"pool {pool}: {', '.join(map(str, models))}", file=sys.stderr)
-            dice = evaluate_pool(models, targets, settings, variants, args.probe_patches, args.device, lambda m: print(m, file=sys.stderr))
+            dice = evaluate_pool(models, targets, settings, pool_variants, args.probe_patches, args.device, lambda m: print(m, file=sys.stderr))
         names = [t[0] for t in targets]
         adaptive, mean, ensemble, oracle = (np.mean([dice[m][n] for n in names]) for m in ("adaptive", "mean", "ensemble", "oracle"))
         lines += ["", f"### Pool `{pool}`", "", f"Models: {', '.join(str(m) for m in models)}. {len(names)} targets: "
-                  f"{', '.join(names)}.", "", *pool_table(pool, dice, names, methods, args.statistic), "",
+                  f"{', '.join(names)}.", "", *pool_table(pool, dice, names, pool_methods, args.statistic), "",
                   f"adaptive − max(mean merge, ensemble) = {adaptive - max(mean, ensemble):+.3f}; adaptive − mean merge = "
                   f"{adaptive - mean:+.3f}; oracle − adaptive = {oracle - adaptive:+.3f}."]
         print("\n".join(lines[-8:]), file=sys.stderr)

@@ -313,11 +313,14 @@ class Statistic:
     """One label-free per-model score s_k behind alpha = softmax(-s / tau) (lower = more trusted).
 
     ``shrink``: pull alpha toward the mean merge as far as the models disagree (see ``shrink_toward_mean``).
+    ``alone``: it means something for one model on its own (an entropy), so ``--refine`` can score a
+    merged candidate with it; the others compare models with each other or with their training data.
     """
 
     score: Callable[[dict[str, list[float]]], list[float]]
     shrink: bool = False
     description: str = ""
+    alone: bool = False
 
 
 def _sum(*keys: str) -> Callable[[dict[str, list[float]]], list[float]]:
@@ -325,9 +328,9 @@ def _sum(*keys: str) -> Callable[[dict[str, list[float]]], list[float]]:
 
 
 STATISTICS: dict[str, Statistic] = {
-    "entropy": Statistic(_sum("entropy"), description="mean normalised entropy H_k"),
-    "foreground_entropy": Statistic(_sum("foreground_entropy"), description="H_k weighted by 1 - mean_k p_k,bg"),
-    "balanced_entropy": Statistic(_sum("balanced_entropy"), description="class-balanced entropy"),
+    "entropy": Statistic(_sum("entropy"), alone=True, description="mean normalised entropy H_k"),
+    "foreground_entropy": Statistic(_sum("foreground_entropy"), alone=True, description="H_k weighted by 1 - mean_k p_k,bg"),
+    "balanced_entropy": Statistic(_sum("balanced_entropy"), alone=True, description="class-balanced entropy"),
     "consensus": Statistic(_sum("foreground_entropy", "disagreement"), description="foreground entropy + Jensen-Shannon to the mean"),
     "cross_entropy": Statistic(_sum("cross_entropy"), description="leave-one-out consensus cross-entropy"),
     "biased_entropy": Statistic(_sum("balanced_entropy", "prediction_bias"), description="class-balanced entropy + prediction bias"),
@@ -450,12 +453,13 @@ def adaptive_plan(
 
 def refine_plan(models, probe: Probe, plan: MergePlan, settings: AdaptiveSettings, device, batch_size: int) -> MergePlan:
     """Forward-only search: alpha at other temperatures, the mean and each single model, scored by the
-    merged model's own probe uncertainty; keeps the lowest (no gradients)."""
-    scores = plan.details["scores"]
+    merged model's own probe uncertainty (the statistic when it applies to one model alone, else the
+    foreground entropy); keeps the lowest (no gradients)."""
+    criterion = settings.statistic if STATISTICS[settings.statistic].alone else "foreground_entropy"
     count = len(models)
     candidates = [("adaptive", plan)]
     for factor in (0.5, 2.0):
-        alpha = softmax_coefficients(scores, settings.temperature * factor)
+        alpha = statistic_coefficients(plan.details["statistics"], settings.statistic, settings.temperature * factor)
         candidates.append((f"adaptive tau x{factor:g}", MergePlan("adaptive", alpha, alpha if plan.head is not None else None, plan.head_keys)))
     candidates.append(("mean", MergePlan("adaptive", mean_coefficients(models))))
     candidates += [(f"only {m.name}", MergePlan("adaptive", one_hot(i, count))) for i, m in enumerate(models)]
@@ -464,11 +468,11 @@ def refine_plan(models, probe: Probe, plan: MergePlan, settings: AdaptiveSetting
         network = candidate.network(models)
         apply_batchnorm_policy(network, probe, settings.batchnorm, device, batch_size)
         stats = probe_statistics([probe_probabilities(network, probe, device, batch_size)])
-        results.append({"candidate": label, "score": site_scores(stats, settings.statistic)[0],
+        results.append({"candidate": label, "score": site_scores(stats, criterion)[0],
                         "body": candidate.body.round(6).tolist()})
     best = min(range(len(results)), key=lambda i: results[i]["score"])
     chosen = candidates[best][1]
-    chosen.details = dict(plan.details, candidates=results, chosen_candidate=results[best]["candidate"])
+    chosen.details = dict(plan.details, candidates=results, chosen_candidate=results[best]["candidate"], refine_criterion=criterion)
     return chosen
 
 
