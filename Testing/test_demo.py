@@ -16,6 +16,7 @@ METHOD_ROWS = ("site model", "ensemble", "mean merge", "entropy-adaptive merge (
 def test_bundled_assets_are_small_and_complete():
     models = sorted(p.name for p in bundled_models("dropgen").iterdir())
     assert [m for m in models if m.endswith(".json")] == ["harbour-ct.json", "riverside-t1.json", "summit-pd.json", "valley-t2.json"]
+    assert sorted(p.name for p in bundled_models("heterogeneous").iterdir()) == ["northgate-t2.json", "northgate-t2.safetensors"]
     assert [t.name for t in bundled_targets()] == ["lowfield-t1", "t2-fatsat"]
     samples = bundled_models("dropgen").parents[1]
     total = sum(p.stat().st_size for p in samples.rglob("*") if p.is_file())

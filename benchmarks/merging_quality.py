@@ -4,8 +4,9 @@ One table per pool; every method runs on the same targets in the same process:
 
 - ``dropgen``: the four bundled DropGen site models (image + MIND-SSC);
 - ``image-only``: the four bundled image-only site models (no stable features);
-- ``mixed``: the DropGen models plus two under-trained DropGen models from another initialisation
-  (``benchmarks/.cache/undertrained``, as in ``ranking_quality.py``): heterogeneous sites;
+- ``mixed``: the DropGen models plus the bundled ``heterogeneous/northgate-t2``, a site model that
+  finds (almost) no foreground on other sites' scans and is therefore the most certain: the
+  demo's pool;
 - ``contrast``: the real MONAI template bundle and two fine-tunes of it on other contrasts
   (``contrast_pool.py``); on every target at least one site is confidently wrong.
 
@@ -28,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 from contrast_pool import TARGET_CONTRASTS, contrast_pool, write_target
-from ranking_quality import CACHE, undertrained_models
 from tables import publish
 
 from entropymerge.evaluation import compare_methods
@@ -48,7 +48,7 @@ def pool_models(pool: str) -> list[Path]:
     if pool == "contrast":
         return [contrast_pool()]
     if pool == "mixed":
-        return [bundled_models("dropgen"), undertrained_models(CACHE / "undertrained")]
+        return [bundled_models("dropgen"), bundled_models("heterogeneous")]
     return [bundled_models(pool)]
 
 
