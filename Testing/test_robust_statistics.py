@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from entropymerge.entropy import consensus_cross_entropy, foreground_weights, prediction_bias, probe_statistics
+from entropymerge.entropy import foreground_weights, leave_one_out_consensus, prediction_bias, probe_statistics
 from entropymerge.fingerprint import FINGERPRINT_KEY, QUANTILES, fingerprint_distances, intensity_fingerprint
 from entropymerge.merging import STATISTICS, shrink_toward_mean, site_scores, statistic_coefficients
 
-ROBUST = ("cross_entropy", "cross_entropy_bias", "shrunk_cross_entropy")
+ROBUST = ("cross_entropy", "entropy_kl", "cross_entropy_bias", "shrunk_cross_entropy")
 
 
 def organ_mask(size=16) -> torch.Tensor:
@@ -71,10 +71,12 @@ def test_consensus_cross_entropy_is_entropy_of_the_others_plus_kl():
     entropy = -(others * others.log()).sum(1)
     kl = (others * (others.log() - outputs[0].log())).sum(1)
     expected = float(((entropy + kl) / math.log(3)).mean())
-    assert consensus_cross_entropy(outputs)[0] == pytest.approx(expected, rel=1e-4)
+    cross_entropies, divergences = leave_one_out_consensus(outputs)
+    assert cross_entropies[0] == pytest.approx(expected, rel=1e-4)
+    assert divergences[0] == pytest.approx(float((kl / math.log(3)).mean()), rel=1e-3)
     weights = foreground_weights(outputs)
     weighted = float((((entropy + kl) / math.log(3)) * weights).sum() / weights.sum())
-    assert consensus_cross_entropy(outputs, weights)[0] == pytest.approx(weighted, rel=1e-4)
+    assert leave_one_out_consensus(outputs, weights)[0][0] == pytest.approx(weighted, rel=1e-4)
 
 
 def test_prediction_bias_is_zero_for_agreeing_models_and_large_for_one_that_finds_nothing():

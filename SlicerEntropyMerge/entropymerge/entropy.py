@@ -68,26 +68,30 @@ def js_divergence_to_mean(probabilities: Sequence[torch.Tensor], weights: torch.
     return divergences
 
 
-def consensus_cross_entropy(probabilities: Sequence[torch.Tensor], weights: torch.Tensor | None = None, eps: float = 1e-8) -> list[float]:
-    """Per model k, the leave-one-out consensus cross-entropy, divided by log(C).
+def leave_one_out_consensus(probabilities: Sequence[torch.Tensor], weights: torch.Tensor | None = None,
+                            eps: float = 1e-8) -> tuple[list[float], list[float]]:
+    """Per model k, the leave-one-out consensus cross-entropy and its KL part, both divided by log(C).
 
     CE_k = sum_v w_v [-sum_c pbar^(-k)_c(v) log p_k,c(v)] / sum_v w_v, where pbar^(-k) is the mean
-    output of the OTHER models (DaWin, ICLR 2025). It equals H(pbar^(-k)) + KL(pbar^(-k) || p_k), and
-    the KL term is unbounded: a model that is confident where the others disagree with it (one that
-    finds nothing where the others see an organ) scores high. Inputs: K >= 2 tensors (P, C, X, Y, Z).
+    output of the OTHER models (DaWin, ICLR 2025); CE_k = H(pbar^(-k)) + KL(pbar^(-k) || p_k), and the
+    KL part is unbounded: a model that is confident where the others disagree with it (one that
+    finds nothing where the others see an organ) scores high. Inputs: K tensors (P, C, X, Y, Z);
+    with one model both are 0. Returns (cross-entropies, KL divergences).
     """
     outputs = torch.stack([p.float() for p in probabilities])
     count = outputs.shape[0]
     if count < 2:
-        return [0.0] * count
+        return [0.0] * count, [0.0] * count
     total = outputs.sum(dim=0)
     log_c = math.log(outputs.shape[2])
-    scores = []
+    cross_entropies, divergences = [], []
     for k in range(count):
         others = (total - outputs[k]) / (count - 1)
         cross = -(others * outputs[k].clamp_min(eps).log()).sum(dim=1) / log_c
-        scores.append(float(_weighted_mean(cross, weights)))
-    return scores
+        own = -(others * others.clamp_min(eps).log()).sum(dim=1) / log_c
+        cross_entropies.append(float(_weighted_mean(cross, weights)))
+        divergences.append(float(_weighted_mean(cross - own, weights)))
+    return cross_entropies, divergences
 
 
 def prediction_bias(probabilities: Sequence[torch.Tensor], eps: float = 1e-3) -> list[float]:
@@ -127,7 +131,8 @@ def probe_statistics(probabilities: Sequence[torch.Tensor]) -> dict[str, list[fl
     w = 1 - mean_k p_k,bg; ``balanced_entropy``: class-balanced entropy; ``disagreement``:
     foreground-weighted Jensen-Shannon divergence to the models' mean output;
     ``foreground_fraction``: fraction of probe voxels each model calls foreground;
-    ``cross_entropy``: foreground-weighted leave-one-out consensus cross-entropy;
+    ``cross_entropy``, ``consensus_kl``: foreground-weighted leave-one-out consensus cross-entropy
+    and its KL part;
     ``prediction_bias``: distance of each model's class proportions from the others'.
     """
     weights = foreground_weights(probabilities)
@@ -140,6 +145,6 @@ def probe_statistics(probabilities: Sequence[torch.Tensor]) -> dict[str, list[fl
         stats["balanced_entropy"].append(class_balanced_entropy(p, entropy, predicted))
         stats["foreground_fraction"].append(float((predicted != 0).float().mean()))
     stats["disagreement"] = js_divergence_to_mean(probabilities, weights)
-    stats["cross_entropy"] = consensus_cross_entropy(probabilities, weights)
+    stats["cross_entropy"], stats["consensus_kl"] = leave_one_out_consensus(probabilities, weights)
     stats["prediction_bias"] = prediction_bias(probabilities)
     return stats

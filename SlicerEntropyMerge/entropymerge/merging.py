@@ -334,6 +334,8 @@ STATISTICS: dict[str, Statistic] = {
     "consensus": Statistic(_sum("foreground_entropy", "disagreement"), description="foreground entropy + Jensen-Shannon to the mean"),
     "cross_entropy": Statistic(_sum("cross_entropy"), description="leave-one-out consensus cross-entropy"),
     "biased_entropy": Statistic(_sum("balanced_entropy", "prediction_bias"), description="class-balanced entropy + prediction bias"),
+    "entropy_kl": Statistic(_sum("foreground_entropy", "consensus_kl"),
+                            description="foreground entropy + KL of the others' mean output to the model's (unbounded)"),
     "cross_entropy_bias": Statistic(_sum("cross_entropy", "prediction_bias"), description="consensus cross-entropy + prediction bias"),
     "shrunk_cross_entropy": Statistic(_sum("cross_entropy"), shrink=True,
                                       description="consensus cross-entropy, shrunk toward the mean merge by disagreement"),
