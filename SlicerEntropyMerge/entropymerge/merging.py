@@ -8,7 +8,7 @@ models' parameters and ``merged_network`` builds the single network that runs on
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -317,30 +317,29 @@ class Statistic:
     merged candidate with it; the others compare models with each other or with their training data.
     """
 
-    score: Callable[[dict[str, list[float]]], list[float]]
+    keys: tuple[str, ...]  # s_k is the sum of these probe statistics
     shrink: bool = False
     description: str = ""
     alone: bool = False
 
-
-def _sum(*keys: str) -> Callable[[dict[str, list[float]]], list[float]]:
-    return lambda stats: [float(sum(values)) for values in zip(*(stats[key] for key in keys))]
+    def score(self, stats: dict[str, list[float]]) -> list[float]:
+        return [float(sum(values)) for values in zip(*(stats[key] for key in self.keys))]
 
 
 STATISTICS: dict[str, Statistic] = {
-    "entropy": Statistic(_sum("entropy"), alone=True, description="mean normalised entropy H_k"),
-    "foreground_entropy": Statistic(_sum("foreground_entropy"), alone=True, description="H_k weighted by 1 - mean_k p_k,bg"),
-    "balanced_entropy": Statistic(_sum("balanced_entropy"), alone=True, description="class-balanced entropy"),
-    "consensus": Statistic(_sum("foreground_entropy", "disagreement"), description="foreground entropy + Jensen-Shannon to the mean"),
-    "cross_entropy": Statistic(_sum("cross_entropy"), description="leave-one-out consensus cross-entropy"),
-    "biased_entropy": Statistic(_sum("balanced_entropy", "prediction_bias"), description="class-balanced entropy + prediction bias"),
-    "entropy_kl": Statistic(_sum("foreground_entropy", "consensus_kl"),
+    "entropy": Statistic(("entropy",), alone=True, description="mean normalised entropy H_k"),
+    "foreground_entropy": Statistic(("foreground_entropy",), alone=True, description="H_k weighted by 1 - mean_k p_k,bg"),
+    "balanced_entropy": Statistic(("balanced_entropy",), alone=True, description="class-balanced entropy"),
+    "consensus": Statistic(("foreground_entropy", "disagreement"), description="foreground entropy + Jensen-Shannon to the mean"),
+    "cross_entropy": Statistic(("cross_entropy",), description="leave-one-out consensus cross-entropy"),
+    "biased_entropy": Statistic(("balanced_entropy", "prediction_bias"), description="class-balanced entropy + prediction bias"),
+    "entropy_kl": Statistic(("foreground_entropy", "consensus_kl"),
                             description="foreground entropy + KL of the others' mean output to the model's (unbounded)"),
-    "cross_entropy_bias": Statistic(_sum("cross_entropy", "prediction_bias"), description="consensus cross-entropy + prediction bias"),
-    "shrunk_cross_entropy": Statistic(_sum("cross_entropy"), shrink=True,
+    "cross_entropy_bias": Statistic(("cross_entropy", "prediction_bias"), description="consensus cross-entropy + prediction bias"),
+    "shrunk_cross_entropy": Statistic(("cross_entropy",), shrink=True,
                                       description="consensus cross-entropy, shrunk toward the mean merge by disagreement"),
-    "fingerprint": Statistic(_sum("fingerprint_distance"), description="distance of the target's intensities to the site's training data"),
-    "cross_entropy_fingerprint": Statistic(_sum("cross_entropy", "fingerprint_distance"),
+    "fingerprint": Statistic(("fingerprint_distance",), description="distance of the target's intensities to the site's training data"),
+    "cross_entropy_fingerprint": Statistic(("cross_entropy", "fingerprint_distance"),
                                            description="consensus cross-entropy + intensity fingerprint distance"),
 }
 
@@ -380,7 +379,7 @@ def site_scores(stats: dict[str, list[float]], statistic: str) -> list[float]:
     """The per-model score s_k that drives alpha (see ``STATISTICS``)."""
     if statistic not in STATISTICS:
         raise UserInputError(f"unknown statistic {statistic!r}; choose one of {', '.join(STATISTICS)}")
-    if statistic in ("fingerprint", "cross_entropy_fingerprint") and "fingerprint_distance" not in stats:
+    if "fingerprint_distance" in STATISTICS[statistic].keys and "fingerprint_distance" not in stats:
         raise UserInputError(f"--statistic {statistic} needs an intensity fingerprint of the training data in every "
                              "model card (training.intensity_fingerprint, written by entropymerge train)")
     return STATISTICS[statistic].score(stats)
