@@ -63,7 +63,7 @@ class RunOptions:
     temperature: float = DEFAULT_TEMPERATURE
     head_temperature: float | None = None
     decouple_head: bool = True
-    statistic: str = "foreground_entropy"
+    statistic: str = AdaptiveSettings.statistic
     refine: bool = False
     batchnorm: str = "merge"
     probe: str = "patches"
