@@ -92,6 +92,16 @@ def test_refine_keeps_the_lowest_uncertainty_candidate(model_factory, base_model
     np.testing.assert_allclose(plan.body, best["body"], atol=1e-6)
 
 
+@pytest.mark.parametrize("statistic", ["cross_entropy", "shrunk_cross_entropy"])
+def test_refine_scores_candidates_by_foreground_entropy_when_the_statistic_compares_models(base_model, statistic):
+    # one merged candidate has no "others" to compare with: its consensus cross-entropy would be 0 for all
+    models = [scaled_head(base_model, 0.3, "unsure"), scaled_head(base_model, 4.0, "sharp")]
+    plan, _ = plan_for(models, AdaptiveSettings(statistic=statistic, refine=True))
+    scores = [c["score"] for c in plan.details["candidates"]]
+    assert plan.details["refine_criterion"] == "foreground_entropy" and len(set(scores)) > 1
+    assert plan.details["chosen_candidate"] == min(plan.details["candidates"], key=lambda c: c["score"])["candidate"]
+
+
 def test_softmax_coefficients_and_temperature():
     alpha = softmax_coefficients([0.1, 0.2, 0.4], 0.1)
     assert alpha.sum() == pytest.approx(1.0) and list(np.argsort(-alpha)) == [0, 1, 2]

@@ -16,6 +16,7 @@ METHOD_ROWS = ("site model", "ensemble", "mean merge", "entropy-adaptive merge (
 def test_bundled_assets_are_small_and_complete():
     models = sorted(p.name for p in bundled_models("dropgen").iterdir())
     assert [m for m in models if m.endswith(".json")] == ["harbour-ct.json", "riverside-t1.json", "summit-pd.json", "valley-t2.json"]
+    assert sorted(p.name for p in bundled_models("heterogeneous").iterdir()) == ["northgate-t2.json", "northgate-t2.safetensors"]
     assert [t.name for t in bundled_targets()] == ["lowfield-t1", "t2-fatsat"]
     samples = bundled_models("dropgen").parents[1]
     total = sum(p.stat().st_size for p in samples.rglob("*") if p.is_file())
@@ -46,3 +47,16 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
             np.testing.assert_allclose(written.affine, reference.affine, atol=1e-5)
     figure = imread(out / "demo.png")
     assert figure.shape[0] > 600 and figure.shape[1] > 1200
+
+
+def test_figure_slice_is_where_the_two_merges_differ_most():
+    from entropymerge.figures import CanonicalVolume, most_different_slice
+
+    truth = np.zeros((8, 8, 10), np.uint8)
+    truth[2:6, 2:6, 7] = 1  # the busiest slice of the truth is 7
+    first, second = truth.copy(), truth.copy()
+    second[1:7, 1:7, 3] = 2  # the merges disagree most on slice 3
+    second[0, 0, 5] = 1
+    volumes = [CanonicalVolume(a, (1.0, 1.0, 1.0)) for a in (first, second, truth)]
+    assert most_different_slice(*volumes) == 3
+    assert most_different_slice(volumes[0], volumes[0], volumes[2]) == 7  # they agree: the busiest slice

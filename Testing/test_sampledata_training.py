@@ -95,6 +95,12 @@ def test_tiny_training_run_produces_loadable_compatible_site_models(tmp_path, ca
     assert card.training["config"]["channel_dropout"] == 0.75
     assert set(card.training["train_seeds"]).isdisjoint(card.training["validation_seeds"])
     assert 0.0 <= card.training["validation_mean_dice_own_site"] <= 1.0
+    # the intensity fingerprint of each site's training data: rising quantiles of [0, 1] intensities,
+    # different for a T1 and a T2 site (their tissues are ordered differently)
+    fingerprints = [m.card.training["intensity_fingerprint"] for m in models]
+    for fingerprint in fingerprints:
+        assert len(fingerprint) == 19 and fingerprint == sorted(fingerprint) and 0.0 <= fingerprint[0] < fingerprint[-1] <= 1.0
+    assert fingerprints[0] != fingerprints[1]
     base = torch.load(tmp_path / "models" / "work" / "checkpoints" / "base.pt", weights_only=True)
     assert base["step"] == 3
 

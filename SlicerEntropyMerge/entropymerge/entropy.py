@@ -68,6 +68,52 @@ def js_divergence_to_mean(probabilities: Sequence[torch.Tensor], weights: torch.
     return divergences
 
 
+def leave_one_out_consensus(probabilities: Sequence[torch.Tensor], weights: torch.Tensor | None = None,
+                            eps: float = 1e-8) -> tuple[list[float], list[float]]:
+    """Per model k, the leave-one-out consensus cross-entropy and its KL part, both divided by log(C).
+
+    CE_k = sum_v w_v [-sum_c pbar^(-k)_c(v) log p_k,c(v)] / sum_v w_v, where pbar^(-k) is the mean
+    output of the OTHER models (DaWin, ICLR 2025); CE_k = H(pbar^(-k)) + KL(pbar^(-k) || p_k), and the
+    KL part is unbounded: a model that is confident where the others disagree with it (one that
+    finds nothing where the others see an organ) scores high. Inputs: K tensors (P, C, X, Y, Z);
+    with one model both are 0. Returns (cross-entropies, KL divergences).
+    """
+    outputs = torch.stack([p.float() for p in probabilities])
+    count = outputs.shape[0]
+    if count < 2:
+        return [0.0] * count, [0.0] * count
+    total = outputs.sum(dim=0)
+    log_c = math.log(outputs.shape[2])
+    cross_entropies, divergences = [], []
+    for k in range(count):
+        others = (total - outputs[k]) / (count - 1)
+        cross = -(others * outputs[k].clamp_min(eps).log()).sum(dim=1) / log_c
+        own = -(others * others.clamp_min(eps).log()).sum(dim=1) / log_c
+        cross_entropies.append(float(_weighted_mean(cross, weights)))
+        divergences.append(float(_weighted_mean(cross - own, weights)))
+    return cross_entropies, divergences
+
+
+def prediction_bias(probabilities: Sequence[torch.Tensor], eps: float = 1e-3) -> list[float]:
+    """Per model k, how far its predicted class proportions stray from the other models' (DSBR's mechanism).
+
+    bias_k = mean over foreground classes c of |log((q_k,c + eps) / (qbar^(-k)_c + eps))|, with
+    q_k,c the mean probability of class c over the probe and qbar^(-k) the mean of the other models'.
+    A model that predicts no foreground where the others do, or floods the probe with one class,
+    scores high; identical models score 0. Inputs: K tensors (P, C, X, Y, Z).
+    """
+    proportions = torch.stack([p.float().mean(dim=(0, *range(2, p.ndim))) for p in probabilities]).double()
+    count = proportions.shape[0]
+    if count < 2:
+        return [0.0] * count
+    total = proportions.sum(dim=0)
+    biases = []
+    for k in range(count):
+        others = (total - proportions[k]) / (count - 1)
+        biases.append(float(((proportions[k, 1:] + eps) / (others[1:] + eps)).log().abs().mean()))
+    return biases
+
+
 def _kl_divergence(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return (p * (p.clamp_min(eps).log() - q.clamp_min(eps).log())).sum(dim=1)
 
@@ -84,7 +130,10 @@ def probe_statistics(probabilities: Sequence[torch.Tensor]) -> dict[str, list[fl
     ``entropy``: mean normalised entropy H_k; ``foreground_entropy``: the same weighted by
     w = 1 - mean_k p_k,bg; ``balanced_entropy``: class-balanced entropy; ``disagreement``:
     foreground-weighted Jensen-Shannon divergence to the models' mean output;
-    ``foreground_fraction``: fraction of probe voxels each model calls foreground.
+    ``foreground_fraction``: fraction of probe voxels each model calls foreground;
+    ``cross_entropy``, ``consensus_kl``: foreground-weighted leave-one-out consensus cross-entropy
+    and its KL part;
+    ``prediction_bias``: distance of each model's class proportions from the others'.
     """
     weights = foreground_weights(probabilities)
     stats: dict[str, list[float]] = {key: [] for key in ("entropy", "foreground_entropy", "balanced_entropy", "foreground_fraction")}
@@ -96,4 +145,6 @@ def probe_statistics(probabilities: Sequence[torch.Tensor]) -> dict[str, list[fl
         stats["balanced_entropy"].append(class_balanced_entropy(p, entropy, predicted))
         stats["foreground_fraction"].append(float((predicted != 0).float().mean()))
     stats["disagreement"] = js_divergence_to_mean(probabilities, weights)
+    stats["cross_entropy"], stats["consensus_kl"] = leave_one_out_consensus(probabilities, weights)
+    stats["prediction_bias"] = prediction_bias(probabilities)
     return stats

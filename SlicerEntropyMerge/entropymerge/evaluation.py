@@ -10,9 +10,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 
-from .entropy import probe_statistics
 from .inference import Segmentation
-from .merging import AdaptiveSettings, MergePlan, one_hot, probe_batch_size
+from .merging import AdaptiveSettings, MergePlan, one_hot, plan_statistics, probe_batch_size
 from .methods import METHODS, MergeMethod, PlanContext
 from .pipeline import Case, site_probe_outputs
 from .progress import Progress
@@ -77,7 +76,8 @@ def compare_methods(
     (outputs, _), pass_seconds = _timed(lambda: site_probe_outputs(case, probe, Progress()))
     probe_seconds += pass_seconds
     comparison.probe = probe.describe()
-    comparison.statistics = {k: named(v) for k, v in probe_statistics(outputs).items()}
+    stats = plan_statistics(models, probe, outputs)
+    comparison.statistics = {k: named(v) for k, v in stats.items()}
     batch = probe_batch_size(probe, case.settings.roi_size)
 
     site_seconds, ensemble_sum = [], None

@@ -59,9 +59,19 @@ def busiest_slice(labels: CanonicalVolume, view: str = "axial") -> int:
     return int(np.argmax(counts)) if counts.any() else labels.array.shape[axis] // 2
 
 
-def show_image(axes, image: CanonicalVolume, view: str, index: int, window: tuple[float, float]):
+def most_different_slice(first: CanonicalVolume, second: CanonicalVolume, fallback: CanonicalVolume, view: str = "axial") -> int:
+    """The slice where two label maps disagree on the most voxels; the busiest slice of ``fallback`` when they agree."""
+    axis = VIEW_AXES[view]
+    counts = (first.array != second.array).sum(axis=tuple(a for a in range(3) if a != axis))
+    return int(np.argmax(counts)) if counts.any() else busiest_slice(fallback, view)
+
+
+def show_image(axes, image: CanonicalVolume, view: str, index: int, window: tuple[float, float], brightness: float = 1.0):
+    """The grey-value slice; ``brightness`` < 1 dims it (so an overlay drawn on it stands out)."""
     plane, aspect = image.slice(view, index)
-    axes.imshow(plane, cmap="gray", origin="lower", aspect=aspect, vmin=window[0], vmax=window[1], interpolation="bilinear")
+    low, high = window
+    axes.imshow(plane, cmap="gray", origin="lower", aspect=aspect, vmin=low, vmax=low + (high - low) / brightness,
+                interpolation="bilinear")
     axes.set_xticks([])
     axes.set_yticks([])
 

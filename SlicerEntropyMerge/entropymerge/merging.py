@@ -17,6 +17,7 @@ import torch
 from .entropy import probe_statistics
 from .errors import UserInputError
 from .features import pad_to_multiple
+from .fingerprint import fingerprint_distances, intensity_fingerprint
 from .inference import fit_window
 from .models import SiteModel
 
@@ -309,7 +310,50 @@ def head_probabilities(body_network: torch.nn.Module, head: Head, models: Sequen
 # ---------------------------------------------------------------------------------------------
 # Entropy-adaptive coefficients.
 
-STATISTICS = ("entropy", "foreground_entropy", "balanced_entropy", "consensus")
+@dataclass(frozen=True)
+class Statistic:
+    """One label-free per-model score s_k behind alpha = softmax(-s / tau) (lower = more trusted).
+
+    ``shrink``: pull alpha toward the mean merge as far as the models disagree (see ``shrink_toward_mean``).
+    ``alone``: it means something for one model on its own (an entropy), so ``--refine`` can score a
+    merged candidate with it; the others compare models with each other or with their training data.
+    """
+
+    keys: tuple[str, ...]  # s_k is the sum of these probe statistics
+    shrink: bool = False
+    description: str = ""
+    alone: bool = False
+
+    def score(self, stats: dict[str, list[float]]) -> list[float]:
+        return [float(sum(values)) for values in zip(*(stats[key] for key in self.keys))]
+
+
+STATISTICS: dict[str, Statistic] = {
+    "entropy": Statistic(("entropy",), alone=True, description="mean normalised entropy H_k"),
+    "foreground_entropy": Statistic(("foreground_entropy",), alone=True, description="H_k weighted by 1 - mean_k p_k,bg"),
+    "balanced_entropy": Statistic(("balanced_entropy",), alone=True, description="class-balanced entropy"),
+    "consensus": Statistic(("foreground_entropy", "disagreement"), description="foreground entropy + Jensen-Shannon to the mean"),
+    "cross_entropy": Statistic(("cross_entropy",), description="leave-one-out consensus cross-entropy"),
+    "biased_entropy": Statistic(("balanced_entropy", "prediction_bias"), description="class-balanced entropy + prediction bias"),
+    "entropy_kl": Statistic(("foreground_entropy", "consensus_kl"),
+                            description="foreground entropy + KL of the others' mean output to the model's (unbounded)"),
+    "cross_entropy_bias": Statistic(("cross_entropy", "prediction_bias"), description="consensus cross-entropy + prediction bias"),
+    "shrunk_cross_entropy": Statistic(("cross_entropy",), shrink=True,
+                                      description="consensus cross-entropy, shrunk toward the mean merge by disagreement"),
+    "fingerprint": Statistic(("fingerprint_distance",), description="distance of the target's intensities to the site's training data"),
+    "cross_entropy_fingerprint": Statistic(("cross_entropy", "fingerprint_distance"),
+                                           description="consensus cross-entropy + intensity fingerprint distance"),
+}
+
+
+def plan_statistics(models: Sequence[SiteModel], probe: Probe, outputs: Sequence[torch.Tensor]) -> dict[str, list[float]]:
+    """``probe_statistics`` of the site models' probe outputs, plus ``fingerprint_distance`` when every
+    model card carries an intensity fingerprint of its training data."""
+    stats = probe_statistics(outputs)
+    distances = fingerprint_distances([m.card.training for m in models], intensity_fingerprint(probe.patches[:, 0]))
+    if distances is not None:
+        stats["fingerprint_distance"] = distances
+    return stats
 
 
 def softmax_coefficients(scores: Sequence[float], temperature: float) -> np.ndarray:
@@ -321,14 +365,32 @@ def softmax_coefficients(scores: Sequence[float], temperature: float) -> np.ndar
     return weights / weights.sum()
 
 
+def shrink_toward_mean(alpha: Sequence[float], disagreement: Sequence[float]) -> np.ndarray:
+    """alpha' = lam alpha + (1 - lam) / K with lam = 1 - mean_k JS_k / ln 2 (T3-style agreement gating).
+
+    ``disagreement``: each model's Jensen-Shannon divergence to the mean output, in units of ln 2
+    (so in [0, 1]). Models that agree keep their adaptive weights; the more they disagree, the
+    closer the merge comes to the mean merge.
+    """
+    alpha = np.asarray(alpha, dtype=np.float64)
+    agreement = 1.0 - float(np.clip(np.mean(disagreement), 0.0, 1.0))
+    return agreement * alpha + (1.0 - agreement) / len(alpha)
+
+
 def site_scores(stats: dict[str, list[float]], statistic: str) -> list[float]:
-    """The per-model uncertainty that drives alpha. ``consensus`` adds the disagreement with the others
-    to the foreground-weighted entropy, so a confidently wrong model does not win."""
-    if statistic == "consensus":
-        return [h + d for h, d in zip(stats["foreground_entropy"], stats["disagreement"])]
-    if statistic not in stats:
+    """The per-model score s_k that drives alpha (see ``STATISTICS``)."""
+    if statistic not in STATISTICS:
         raise UserInputError(f"unknown statistic {statistic!r}; choose one of {', '.join(STATISTICS)}")
-    return list(stats[statistic])
+    if "fingerprint_distance" in STATISTICS[statistic].keys and "fingerprint_distance" not in stats:
+        raise UserInputError(f"--statistic {statistic} needs an intensity fingerprint of the training data in every "
+                             "model card (training.intensity_fingerprint, written by entropymerge train)")
+    return STATISTICS[statistic].score(stats)
+
+
+def statistic_coefficients(stats: dict[str, list[float]], statistic: str, temperature: float) -> np.ndarray:
+    """alpha from the probe statistics: softmax(-s / tau), shrunk toward the mean where the statistic says so."""
+    alpha = softmax_coefficients(site_scores(stats, statistic), temperature)
+    return shrink_toward_mean(alpha, stats["disagreement"]) if STATISTICS[statistic].shrink else alpha
 
 
 @dataclass
@@ -352,7 +414,7 @@ class AdaptiveSettings:
     temperature: float = 0.05
     head_temperature: float = 0.05
     decouple_head: bool = True
-    statistic: str = "foreground_entropy"
+    statistic: str = "cross_entropy_bias"  # chosen by benchmarks/merging_quality.py (issue 12)
     refine: bool = False
     batchnorm: str = "merge"  # or "reestimate" on the probe
 
@@ -367,9 +429,9 @@ def adaptive_plan(
 ) -> MergePlan:
     """alpha = softmax(-H / tau) from the site models' probe outputs; beta from each head's entropy on
     the alpha-merged body's features; optionally the best of a few candidates by merged probe entropy."""
-    stats = probe_statistics(site_probabilities)
+    stats = plan_statistics(models, probe, site_probabilities)
     scores = site_scores(stats, settings.statistic)
-    alpha = softmax_coefficients(scores, settings.temperature)
+    alpha = statistic_coefficients(stats, settings.statistic, settings.temperature)
     details: dict = {"statistics": stats, "scores": scores, "statistic": settings.statistic,
                      "temperature": settings.temperature, "probe": probe.describe()}
     plan = MergePlan("adaptive", alpha, details=details)
@@ -381,8 +443,10 @@ def adaptive_plan(
         apply_batchnorm_policy(body, probe, settings.batchnorm, device, batch_size)
         per_head = head_probabilities(body, head, models, probe, device, batch_size)
         head_stats = probe_statistics(per_head)
+        if "fingerprint_distance" in stats:  # a property of the site's data, not of its head
+            head_stats["fingerprint_distance"] = stats["fingerprint_distance"]
         head_scores = site_scores(head_stats, settings.statistic)
-        plan.head = softmax_coefficients(head_scores, settings.head_temperature)
+        plan.head = statistic_coefficients(head_stats, settings.statistic, settings.head_temperature)
         plan.head_keys = head.keys
         details.update(head_module=head.module_name, head_scores=head_scores, head_temperature=settings.head_temperature)
     if settings.refine:
@@ -392,12 +456,13 @@ def adaptive_plan(
 
 def refine_plan(models, probe: Probe, plan: MergePlan, settings: AdaptiveSettings, device, batch_size: int) -> MergePlan:
     """Forward-only search: alpha at other temperatures, the mean and each single model, scored by the
-    merged model's own probe uncertainty; keeps the lowest (no gradients)."""
-    scores = plan.details["scores"]
+    merged model's own probe uncertainty (the statistic when it applies to one model alone, else the
+    foreground entropy); keeps the lowest (no gradients)."""
+    criterion = settings.statistic if STATISTICS[settings.statistic].alone else "foreground_entropy"
     count = len(models)
     candidates = [("adaptive", plan)]
     for factor in (0.5, 2.0):
-        alpha = softmax_coefficients(scores, settings.temperature * factor)
+        alpha = statistic_coefficients(plan.details["statistics"], settings.statistic, settings.temperature * factor)
         candidates.append((f"adaptive tau x{factor:g}", MergePlan("adaptive", alpha, alpha if plan.head is not None else None, plan.head_keys)))
     candidates.append(("mean", MergePlan("adaptive", mean_coefficients(models))))
     candidates += [(f"only {m.name}", MergePlan("adaptive", one_hot(i, count))) for i, m in enumerate(models)]
@@ -406,11 +471,11 @@ def refine_plan(models, probe: Probe, plan: MergePlan, settings: AdaptiveSetting
         network = candidate.network(models)
         apply_batchnorm_policy(network, probe, settings.batchnorm, device, batch_size)
         stats = probe_statistics([probe_probabilities(network, probe, device, batch_size)])
-        results.append({"candidate": label, "score": site_scores(stats, settings.statistic)[0],
+        results.append({"candidate": label, "score": site_scores(stats, criterion)[0],
                         "body": candidate.body.round(6).tolist()})
     best = min(range(len(results)), key=lambda i: results[i]["score"])
     chosen = candidates[best][1]
-    chosen.details = dict(plan.details, candidates=results, chosen_candidate=results[best]["candidate"])
+    chosen.details = dict(plan.details, candidates=results, chosen_candidate=results[best]["candidate"], refine_criterion=criterion)
     return chosen
 
 

@@ -114,11 +114,10 @@ def _single(context: PlanContext):
 def _select(context: PlanContext):
     import numpy as np
 
-    from .entropy import probe_statistics
-    from .merging import MergePlan, one_hot, site_scores
+    from .merging import MergePlan, one_hot, plan_statistics, site_scores
 
     statistic = context.settings.statistic
-    stats = probe_statistics(context.outputs)
+    stats = plan_statistics(context.models, context.probe, context.outputs)
     scores = site_scores(stats, statistic)
     chosen = int(np.argmin(scores))
     return MergePlan("select", one_hot(chosen, len(context.models)), details={

@@ -21,7 +21,7 @@ import torch
 from . import __version__
 from .adaptation import AdaptationSettings, adapt
 from .artefact import check_model_folder, merged_model_card, write_model_artefact
-from .entropy import predicted_labels, probe_statistics
+from .entropy import predicted_labels
 from .errors import UserInputError
 from .features import FeatureCache, get_extractor, model_inputs
 from .inference import (
@@ -40,11 +40,11 @@ from .merging import (
     MergePlan,
     Probe,
     one_hot,
+    plan_statistics,
     probe_batch_size,
     probe_probabilities,
     select_probe,
-    site_scores,
-    softmax_coefficients,
+    statistic_coefficients,
 )
 from .methods import PlanContext, get_method
 from .metrics import evaluate
@@ -72,7 +72,7 @@ class RunOptions:
     temperature: float = DEFAULT_TEMPERATURE
     head_temperature: float | None = None
     decouple_head: bool = True
-    statistic: str = "foreground_entropy"
+    statistic: str = AdaptiveSettings.statistic
     refine: bool = False
     batchnorm: str = "merge"
     probe: str = "patches"
@@ -494,7 +494,7 @@ def label_source(case: Case, options: RunOptions, pseudo_labels: np.ndarray | No
 def rank_case(case: Case, options: RunOptions, probe_run: ProbeRun, plan: MergePlan, pseudo_labels, per_model: dict):
     """Rank the site models on this case, reusing the run's probe passes and per-model results."""
     source = label_source(case, options, pseudo_labels)
-    stats = probe_statistics(probe_run.outputs)
+    stats = plan_statistics(case.models, probe_run.probe, probe_run.outputs)
     true_dice = None
     if case.reference is not None:
         true_dice = []
@@ -504,8 +504,8 @@ def rank_case(case: Case, options: RunOptions, probe_run: ProbeRun, plan: MergeP
                 entry["evaluation"] = case.evaluate(case.segment(case.probabilities(model.network)).labels)
                 per_model[model.name] = entry
             true_dice.append(entry["evaluation"]["mean_dice"] or 0.0)
-    alpha = plan.body.tolist() if plan.method == "adaptive" and plan.body is not None else softmax_coefficients(
-        site_scores(stats, options.statistic), options.temperature).tolist()
+    alpha = plan.body.tolist() if plan.method == "adaptive" and plan.body is not None else statistic_coefficients(
+        stats, options.statistic, options.temperature).tolist()
     return rank_models(case.models, case.inputs, probe_run.probe, source, case.device, probe_run.tapped,
                        entropy=stats["foreground_entropy"], alpha=alpha, true_dice=true_dice, seed=options.seed)
 

@@ -21,6 +21,7 @@ from monai.losses import DiceCELoss
 
 from .errors import UserInputError
 from .features import FeatureCache, get_extractor, model_inputs
+from .fingerprint import FINGERPRINT_KEY, intensity_fingerprint, mean_fingerprint
 from .inference import predict_logits
 from .metrics import dice
 from .modelcard import InferenceSettings, ModelCard, Preprocessing, default_labels
@@ -267,6 +268,7 @@ def train_site_models(
             "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
             "train_seeds": [c.seed for c in train], "validation_seeds": [c.seed for c in held_out],
             "validation_mean_dice_own_site": round(score, 4),
+            FINGERPRINT_KEY: mean_fingerprint([intensity_fingerprint(c.inputs[0]) for c in train]),
         })
         report.models.append(save_site_model(network, card, out, site_name))
         log(f"{site_name}: validation mean Dice on its own site {score:.3f}")
