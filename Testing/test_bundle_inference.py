@@ -2,6 +2,7 @@
 no zero padding up to the metadata's 128^3, no padding past what the network's strides need."""
 
 import json
+import shutil
 
 import nibabel
 import numpy as np
@@ -88,13 +89,13 @@ def test_sliding_window_inferer_settings_are_read_from_the_config(tmp_path):
     bundle = shared_file(BUNDLE)
     copy = tmp_path / "bundle"
     (copy / "configs").mkdir(parents=True)
-    (copy / "models").symlink_to(bundle / "models")
-    (copy / "configs" / "metadata.json").write_text((bundle / "configs" / "metadata.json").read_text())
-    config = (bundle / "configs" / "inference.yaml").read_text().replace(
+    shutil.copytree(bundle / "models", copy / "models")  # a copy: a model's files may not lie outside its folder
+    (copy / "configs" / "metadata.json").write_text((bundle / "configs" / "metadata.json").read_text(encoding="utf-8"), encoding="utf-8")
+    config = (bundle / "configs" / "inference.yaml").read_text(encoding="utf-8").replace(
         "inferer:\n  _target_: SimpleInferer",
         "roi: [64, 64, 32]\ninferer:\n  _target_: SlidingWindowInferer\n  roi_size: '@roi'\n  overlap: 0.5\n"
         "  sw_batch_size: 3\n  mode: gaussian\n  padding_mode: replicate")
-    (copy / "configs" / "inference.yaml").write_text(config)
+    (copy / "configs" / "inference.yaml").write_text(config, encoding="utf-8")
     card, _, _ = read_bundle(copy)
     settings = card.inference
     assert (settings.inferer, settings.roi_size, settings.overlap, settings.sw_batch_size) == ("sliding_window", (64, 64, 32), 0.5, 3)

@@ -158,7 +158,8 @@ def test_failure_while_writing_leaves_no_partial_outputs(tmp_path, monkeypatch, 
         return real_write(array, geometry, path, verify)
 
     monkeypatch.setattr(outputs, "write_volume", failing_write)
-    code = main(["run", "--volume", str(small_volume), "--model", str(model_factory("a")), "--out", str(tmp_path / "out"), "--progress", "none"])
+    code = main(["run", "--volume", str(small_volume), "--model", str(model_factory("a")), "--method", "single",
+                 "--out", str(tmp_path / "out"), "--progress", "none"])
     assert code == 2 and capsys.readouterr().err.startswith(f"error: cannot write {tmp_path / 'out' / 'entropy.nii.gz'}: disk full")
     assert not (tmp_path / "out").exists(), "a failed run leaves no trace, not even the folder it made"
 

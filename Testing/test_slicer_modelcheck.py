@@ -110,7 +110,9 @@ def test_a_changed_list_cancels_the_check_under_way(model_factory):
 def test_apply_blocker_reasons_before_the_check():
     check = ModelCheck()
     assert blocker(check, ["a", "b"], has_volume=False) == "Select a target volume."
-    assert blocker(check, ["a"]) == "adaptive needs at least 2 site model(s); 1 listed."
+    assert blocker(check, []) == "adaptive needs at least 1 site model(s); 0 listed."
+    assert blocker(check, ["a"]) is None  # one model: every method is that model
+    assert blocker(check, ["a"], rank=True) == "adaptive needs at least 2 site model(s); 1 listed."
     assert blocker(check, ["a"], method="single") is None
     assert blocker(check, ["a"], method="single", rank=True) == "single needs at least 2 site model(s); 1 listed."
     assert blocker(check, ["a", "b"], roi_size="96 96") == "The ROI size needs three positive whole numbers (X Y Z), not '96 96'."

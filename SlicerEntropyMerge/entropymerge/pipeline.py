@@ -32,6 +32,7 @@ from .inference import (
     network_multiple,
     predict_logits,
     resolve_device,
+    round_up,
     segmentation_from_probabilities,
 )
 from .merging import (
@@ -262,10 +263,12 @@ def load_case(options: RunOptions, progress: Progress, timings: Timings) -> Case
             scribbles = Volume(scribble_labels(painted, len(card.labels), options.unlabelled_value, options.scribbles), painted.geometry)
         device = resolve_device(options.device)
         # One forward pass at the probe's size checks channels and classes (an eighth of a window's cost);
-        # a window the user chose is checked as given.
-        check_runs(models[0], tuple(options.probe_size or default_probe_size(settings.roi_size)), "probe patch", device)
+        # a window the user chose is checked at the size it will run at (rounded up to the network's multiple).
+        multiple = settings.spatial_multiple
+        fitted = lambda size: tuple(round_up(s, m) for s, m in zip(size, multiple))
+        check_runs(models[0], fitted(options.probe_size or default_probe_size(settings.roi_size, multiple)), "probe patch", device)
         if options.roi_size:
-            check_runs(models[0], settings.roi_size, device=device)
+            check_runs(models[0], fitted(settings.roi_size), device=device)
     for model in models:
         for note in model.notes:
             progress.note(f"{model.name}: {note}")
