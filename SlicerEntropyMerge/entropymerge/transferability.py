@@ -204,12 +204,59 @@ def logme(features: np.ndarray, labels: np.ndarray, iterations: int = 100, toler
     return float(np.mean(scores))
 
 
+def _true_rank(truth) -> np.ndarray:
+    """Rank of each item by ``truth``, 0 = best (highest); ties keep their input order."""
+    return np.argsort(np.argsort(-np.asarray(truth, dtype=np.float64), kind="stable"), kind="stable")
+
+
 def weighted_kendall_tau(scores, truth) -> float:
     """Weighted Kendall tau between a score ranking and the true ranking, with hyperbolic weights
     1 / (r + 1) on the true rank r (0 = best) and additive pair weights (scipy's weightedtau)."""
     truth = np.asarray(truth, dtype=np.float64)
-    true_rank = np.argsort(np.argsort(-truth, kind="stable"), kind="stable")
-    return float(weightedtau(np.asarray(scores, dtype=np.float64), truth, rank=true_rank).statistic)
+    return float(weightedtau(np.asarray(scores, dtype=np.float64), truth, rank=_true_rank(truth)).statistic)
+
+
+def weighted_kendall_tau_multiplicative(scores, truth) -> float:
+    """TopoTE's weighted Kendall tau (their Eq. 7): 1 - 2 * sum_{i<j} w(i) w(j) [discordant] / sum_{i<j} w(i) w(j),
+    with the items in true order (best first), w(i) = 1 / (i + 1), and a pair discordant when the
+    better item scores strictly lower (a tie in the scores counts as concordant, as in their code).
+    A pair's weight is the product of its two weights, so swaps among the top items cost most."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if len(scores) < 2:
+        return 0.0
+    in_true_order = scores[np.argsort(_true_rank(truth), kind="stable")]
+    weights = 1.0 / np.arange(1, len(scores) + 1)
+    pair_weights = np.triu(np.outer(weights, weights), k=1)
+    discordant = np.triu(in_true_order[:, None] < in_true_order[None, :], k=1)
+    return float(1.0 - 2.0 * pair_weights[discordant].sum() / pair_weights.sum())
+
+
+def weighted_taus(scores, truth) -> dict[str, float]:
+    """Both weighted Kendall tau variants of a score list against the truth: ``additive`` (scipy's
+    weightedtau, hyperbolic rank weights added per pair) and ``multiplicative`` (TopoTE's Eq. 7)."""
+    return {"additive": weighted_kendall_tau(scores, truth), "multiplicative": weighted_kendall_tau_multiplicative(scores, truth)}
+
+
+# TopoTE's layer weights: a Gaussian over the stages, centred on the middle decoder stage and on the
+# stage just past the middle of the encoder (their "paper" profile fits sigma 0.8 and 0.9).
+DECODER_SIGMA = 0.8
+ENCODER_SIGMA = 0.9
+
+
+def stage_weights(count: int, centre: float, sigma: float) -> np.ndarray:
+    """Normalised Gaussian weights exp(-(i - centre)^2 / (2 sigma^2)) over stages i = 0 .. count-1."""
+    raw = np.exp(-0.5 * ((np.arange(count) - centre) / sigma) ** 2)
+    return raw / raw.sum()
+
+
+def decoder_stage_weights(count: int) -> np.ndarray:
+    """GRTD's weights over ``count`` decoder stages (coarse to fine), centred on the middle one."""
+    return stage_weights(count, (count - 1) / 2, DECODER_SIGMA)
+
+
+def encoder_stage_weights(count: int) -> np.ndarray:
+    """LBTC's weights over ``count`` encoder stages (fine to coarse), centred at count / 2 (clipped to the last)."""
+    return stage_weights(count, min(count / 2, count - 1), ENCODER_SIGMA)
 
 
 @dataclass
