@@ -337,3 +337,21 @@ def test_labelled_agreement_counts_only_labelled_voxels():
     probabilities[0, 0] = 1 - probabilities[0, 1]
     accuracy, dice = labelled_agreement(probabilities, labels)
     assert accuracy == pytest.approx(1 / 3) and dice == pytest.approx(2 * 1 / (2 + 2))
+
+
+def test_minimum_spanning_tree_is_minimal_and_joins_duplicates_at_zero_cost():
+    from scipy.sparse.csgraph import minimum_spanning_tree
+    from scipy.spatial.distance import cdist
+
+    from entropymerge.transferability import minimum_spanning_tree_edges
+
+    points = np.random.default_rng(4).normal(size=(60, 5))
+    distances = cdist(points, points)
+    rows, cols = minimum_spanning_tree_edges(distances)
+    assert len(rows) == 59 and len(set(rows) | set(cols)) == 60
+    assert distances[rows, cols].sum() == pytest.approx(minimum_spanning_tree(distances).sum())  # distinct distances: one tree
+    points[1] = points[0]  # a duplicate point (an anchor that is also a sampled voxel)
+    distances = cdist(points, points)
+    rows, cols = minimum_spanning_tree_edges(distances)
+    assert {tuple(sorted(edge)) for edge in zip(rows.tolist(), cols.tolist())} >= {(0, 1)}
+    assert distances[rows, cols].sum() == pytest.approx(minimum_spanning_tree(np.delete(np.delete(distances, 1, 0), 1, 1)).sum())

@@ -384,10 +384,10 @@ def ranking_table(data: dict) -> str:
     return "\n".join(lines)
 
 
-def score_taus(rows: list[dict]) -> dict[str, dict[str, float]]:
+def score_taus(rows: list[dict], truth: list[float] | None = None) -> dict[str, dict[str, float]]:
     """Both weighted Kendall tau variants (``weighted_taus``) of every score column the rows hold
-    against their ``true_dice``; lower-is-better columns are negated first."""
-    dice = [row["true_dice"] for row in rows]
+    against ``truth`` (default: their ``true_dice``); lower-is-better columns are negated first."""
+    dice = [row["true_dice"] for row in rows] if truth is None else truth
     better = {c.key: c.better for c in COLUMNS}
     result: dict[str, dict[str, float]] = {"additive": {}, "multiplicative": {}}
     for key in SCORE_KEYS:
