@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from .evaluation import Comparison, compare_methods, comparison_summary, comparison_table
-from .figures import ENTROPY_COLORMAP, ENTROPY_LABEL, busiest_slice, canonical, intensity_window, show_image, show_labels
+from .figures import ENTROPY_COLORMAP, ENTROPY_LABEL, canonical, intensity_window, show_image, show_labels, structure_slice
 from .outputs import OutputFolder, safe_file_stem
 from .pipeline import Case, RunOptions, Timings, load_case
 from .progress import Progress
@@ -113,7 +113,7 @@ def demo_figure(rows, path: Path) -> Path:
         geometry = case.volume.geometry
         image = canonical(case.volume.array.astype(np.float32), geometry)
         truth = canonical(case.reference.array, geometry)
-        index = busiest_slice(truth)
+        index = structure_slice(truth)
         window = intensity_window(image.array)
         labels = case.labels
         panels = [
