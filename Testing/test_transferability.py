@@ -144,6 +144,16 @@ def test_taps_on_a_monai_unet_are_its_stages_weighted_like_topote(model_factory)
     assert [tuple(f.shape) for f in tapped.decoder_features] == [(2, 4, 16, 16, 16), (2, 8, 16, 16, 16)]
 
 
+def test_taps_on_a_deeper_basic_unet_whose_last_decoder_stage_feeds_the_head(model_factory):
+    """Four halvings (the detection pass needs 32 voxels); the last up-sampling block's output is the head's
+    input, so it is not tapped twice."""
+    spec = {"_target_": "BasicUNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 3, "features": [4, 4, 8, 16, 32, 4]}
+    model = load_site_model(model_factory("deep", network=spec))
+    taps = find_taps(model, torch.rand(1, 1, 32, 32, 32))
+    assert taps.encoder == tuple(Tap(f"down_{i}") for i in (1, 2, 3, 4))
+    assert taps.decoder == tuple(Tap(f"upcat_{i}") for i in (4, 3, 2, 1))
+
+
 def test_stage_weights_are_topotes_paper_profile():
     # utils/fusion_weights.py of TopoTE: decoder 0.022 0.229 0.499 0.229 0.022; encoder 0.002 0.038 0.240 0.444 0.240 0.038
     np.testing.assert_allclose(decoder_stage_weights(5), [0.022, 0.229, 0.499, 0.229, 0.022], atol=0.002)
@@ -321,6 +331,8 @@ def test_as_is_scores_rank_the_model_that_is_right_on_the_scribbles_first(model_
     assert ranking.as_is_basis == "true_dice" and [row["model"] for row in ranking.rows] == ["right", "wrong"]
     # the confidently wrong model has the lower uncertainty: the label-free score ranks it against the truth
     assert ranking.kendall_tau["additive"]["uncertainty"] == -1.0 and ranking.kendall_tau["multiplicative"]["uncertainty"] == -1.0
+    assert any("the label-free as-is score ranks against the true Dice (weighted tau -1.00)" in note for note in ranking.notes)
+    assert "note: on this case the label-free as-is score ranks against the true Dice" in ranking.table()
 
     pseudo = LabelSource("pseudo-label", truth, "merged prediction")
     ranking = rank_models(models, probe.patches, probe, pseudo, torch.device("cpu"), tapped, uncertainty=[0.4, 0.2], statistic="consensus")

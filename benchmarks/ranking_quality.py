@@ -33,7 +33,16 @@ from tables import publish
 from entropymerge.entropy import predicted_labels, probe_statistics
 from entropymerge.features import model_inputs
 from entropymerge.inference import predict_logits, segmentation_from_probabilities
-from entropymerge.merging import AdaptiveSettings, adaptive_plan, crop_patches, probe_batch_size, probe_probabilities, select_probe, site_scores
+from entropymerge.merging import (
+    STATISTICS,
+    AdaptiveSettings,
+    adaptive_plan,
+    crop_patches,
+    probe_batch_size,
+    probe_probabilities,
+    select_probe,
+    site_scores,
+)
 from entropymerge.metrics import evaluate
 from entropymerge.models import load_site_models
 from entropymerge.outputs import safe_file_stem
@@ -127,7 +136,8 @@ def evaluate_target(pool, merge_set, finetuned, image: Volume, labels: Volume, s
         "pseudo-label": LabelSource("pseudo-label", predicted_labels(merged, dim=0).numpy().astype(np.int64), "merged prediction"),
     }
     names = [m.name for m in pool]
-    result = {"zero_shot": zero_shot, "finetuned": tuned, "statistic": settings.statistic, "sources": {}}
+    result = {"zero_shot": zero_shot, "finetuned": tuned, "statistic": settings.statistic, "sources": {},
+              "label_free": {statistic: site_scores(stats, statistic) for statistic in STATISTICS}}
     for name, source in sources.items():
         start = time.perf_counter()
         ranking = rank_models(pool, inputs, probe, source, device, uncertainty=uncertainty, statistic=settings.statistic,
@@ -223,6 +233,19 @@ def main(argv=None) -> int:
             source = "scribbles" if column.startswith("scribble") else "pseudo-label"
             taus, hits = summarise(results, names, prefixes, column, source, "zero_shot")
             lines.append(f"| {pool_name} | {title} | {cell(taus['additive'])} | {cell(taus['multiplicative'])} | {hits:.0%} |")
+    lines += ["", f"Every label-free statistic the merge offers, as an as-is score (lower = trusted), mixed pool "
+              f"(the default, {statistic}, is the 'merge statistic' row above):", "",
+              "| statistic | τ additive | τ multiplicative | top-1 |", "| --- | --- | --- | --- |"]
+    for candidate in STATISTICS:
+        taus = {"additive": [], "multiplicative": []}
+        hits = []
+        for result in results.values():
+            values = [-v for v in result["label_free"][candidate]]
+            for variant, value in weighted_taus(values, result["zero_shot"]).items():
+                taus[variant].append(value)
+            hits.append(result["zero_shot"][int(np.argmax(values))] == max(result["zero_shot"]))
+        lines.append(f"| {candidate} | " + " | ".join(cell((np.mean(v), np.std(v, ddof=1) if len(v) > 1 else 0.0)) for v in taus.values())
+                     + f" | {np.mean(hits):.0%} |")
     lines += ["", "**Transfer**: score against each model's Dice after fine-tuning on the target's site "
               "(and, for contrast, against its zero-shot Dice); mixed pool.", "",
               "| labels | score | τ add. vs fine-tuned | τ mult. vs fine-tuned | top-1 fine-tuned | τ add. vs zero-shot |",

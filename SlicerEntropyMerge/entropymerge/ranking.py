@@ -67,9 +67,9 @@ def find_taps(model: SiteModel, example: torch.Tensor) -> Taps:
     ``local`` = one module whose output LBTC reads), else the network's stages found in one pass:
     encoder stages = the outermost module that halves the resolution to each level, decoder stages =
     the outermost module that doubles it back to each level (outside the head), then the head's input.
-    ``example`` is one input patch; a 16-voxel corner of it is enough for the detection pass."""
+    ``example`` is one input patch; a 32-voxel corner of it is enough for the detection pass."""
     network, card = model.network, model.card
-    example = example[:1, :, :16, :16, :16]
+    example = example[:1, :, :32, :32, :32]  # deep networks (4 halvings) need 32 voxels to keep instance norm defined
     modules = dict(network.named_modules())
     for key, name in card.feature_taps.items():
         if name not in modules:
