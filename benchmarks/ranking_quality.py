@@ -157,9 +157,14 @@ def crop(inputs, probe):
     return crop_patches(inputs, probe.origins, probe.patches.shape[2:])
 
 
+def defined_taus(values, truth) -> dict[str, float]:
+    """Both tau variants; 0 where scipy's is undefined (a score equal for every model ranks nothing).
+    TopoTE's variant counts such ties as concordant, so it gives +1 there."""
+    return {k: (0.0 if np.isnan(v) else v) for k, v in weighted_taus(values, truth).items()}
+
+
 def taus_of(rows, column: str, truth) -> dict[str, float]:
-    values = [(-r[column] if column in LOWER_BETTER else r[column]) for r in rows]
-    return weighted_taus(values, truth)
+    return defined_taus([(-r[column] if column in LOWER_BETTER else r[column]) for r in rows], truth)
 
 
 def top1(rows, column: str, truth) -> bool:
@@ -198,7 +203,12 @@ def main(argv=None) -> int:
     parser.add_argument("--undertrained", type=Path, help="folder of under-trained models (default: trained once into benchmarks/.cache)")
     parser.add_argument("--markdown", type=Path)
     parser.add_argument("--json", type=Path, help="also write every target's scores and Dice here")
+    parser.add_argument("--from-json", type=Path, help="only write the tables of an earlier run's --json")
     args = parser.parse_args(argv)
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text(encoding="utf-8"))
+        publish(tables(saved["targets"], saved["models"], args, "(from " + args.from_json.name + ")"), args.markdown)
+        return 0
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pool = load_pool(args.dropgen or bundled_models("dropgen"), args.image_only or bundled_models("image-only"),
@@ -218,8 +228,17 @@ def main(argv=None) -> int:
             results[f"{site}#{seed}"] = evaluate_target(pool, merge_set, finetuned, image, labels, seed, device)
             print(f"{site}#{seed} done at {time.perf_counter() - started:.0f} s", file=sys.stderr)
 
+    device_text = f"Wall time {time.perf_counter() - started:.0f} s on {device}, {args.threads} thread(s)."
+    publish(tables(results, names, args, device_text), args.markdown)
+    if args.json:
+        args.json.write_text(json.dumps({"models": names, "targets": results}, indent=1, default=float) + "\n", encoding="utf-8")
+    return 0
+
+
+def tables(results: dict, names: list[str], args, footer: str) -> list[str]:
+    """The Markdown tables of the per-target results."""
     statistic = next(iter(results.values()))["statistic"]
-    lines = [f"Pool of {len(pool)} models ({', '.join(names)}); {len(results)} targets from {', '.join(args.sites)} "
+    lines = [f"Pool of {len(names)} models ({', '.join(names)}); {len(results)} targets from {', '.join(args.sites)} "
              f"(test seeds, {args.per_site} per site). Fine-tuning: each model on {args.finetune_cases} labelled scans of the "
              f"target's site (train seeds), {args.finetune_steps} Adam steps, lr {args.finetune_lr:g} (cosine), batch 2 of 32³ "
              f"patches, the model's own channel dropout; fine-tuned Dice measured on the same held-out targets. "
@@ -241,7 +260,7 @@ def main(argv=None) -> int:
         hits = []
         for result in results.values():
             values = [-v for v in result["label_free"][candidate]]
-            for variant, value in weighted_taus(values, result["zero_shot"]).items():
+            for variant, value in defined_taus(values, result["zero_shot"]).items():
                 taus[variant].append(value)
             hits.append(result["zero_shot"][int(np.argmax(values))] == max(result["zero_shot"]))
         lines.append(f"| {candidate} | " + " | ".join(cell((np.mean(v), np.std(v, ddof=1) if len(v) > 1 else 0.0)) for v in taus.values())
@@ -268,12 +287,8 @@ def main(argv=None) -> int:
         lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
     seconds = {source: np.mean([r["sources"][source]["seconds"] for r in results.values()]) for source in SOURCES}
     lines += ["", "Ranking time for the 10 models on one target (tapped probe passes, sampling, GRTD, LBTC, LogME), mean: "
-              + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()) + f". Wall time {time.perf_counter() - started:.0f} s on {device}, "
-              f"{args.threads} thread(s)."]
-    publish(lines, args.markdown)
-    if args.json:
-        args.json.write_text(json.dumps({"models": names, "targets": results}, indent=1, default=float) + "\n", encoding="utf-8")
-    return 0
+              + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()) + f". {footer}"]
+    return lines
 
 
 if __name__ == "__main__":
