@@ -196,7 +196,7 @@ def main(argv=None) -> int:
     parser.add_argument("--per-site", type=int, default=3)
     parser.add_argument("--finetune-cases", type=int, default=2)
     parser.add_argument("--finetune-steps", type=int, default=30)
-    parser.add_argument("--finetune-lr", type=float, default=1e-3)
+    parser.add_argument("--finetune-lr", type=float, default=2e-4)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a loaded machine)")
     parser.add_argument("--dropgen", type=Path)
     parser.add_argument("--image-only", type=Path)

@@ -1,10 +1,15 @@
-"""Ranking the site models for one target, training-free, from features hooked inside each model.
+"""Ranking the site models for one target, for two questions, from forward passes only.
 
-Feature taps are forward hooks, so the models stay untouched: the input of the head (for GRTD)
-and a mid-encoder stage (for LBTC), found automatically for UNet-like networks or named in the
-model card (``feature_taps``). Labels come, in order of trust, from a reference segmentation,
-from scribbles (a sparse label map: painted voxels count, ``unlabelled_value`` voxels do not), or
-from the merged model's own prediction (a pseudo-label: the ranking is then self-referenced).
+"Which model can I trust on this case as it is?" (as-is columns, which order the rows): the
+merge's own label-free per-model score and plain entropy, accuracy and Dice on scribbles, or the
+true Dice against a reference. "Which model would do best after fine-tuning on a few labels of
+this site?" (transfer columns): GRTD, LBTC, their fusion and LogME on features hooked inside each
+model, as TopoTE computes them: GRTD over the decoder stages, LBTC over the encoder stages, each
+stage weighted by a Gaussian. Feature taps are forward hooks, so the models stay untouched; the
+stages are found automatically for UNet-like networks, or one module each is named in the model
+card (``feature_taps``). Labels come, in order of trust, from a reference segmentation, from
+scribbles (a sparse label map: painted voxels count, ``unlabelled_value`` voxels do not), or from
+the merged model's own prediction (a pseudo-label: the ranking is then self-referenced).
 """
 
 from __future__ import annotations

@@ -13,7 +13,9 @@ Scores (METHODS.md section 4), computed from features hooked inside each model a
   fraction rho of local-MST edges (anchor + k nearest feature neighbours) joining different labels;
   LBTC = clip(1 - mean rho, 0, 1).
 - Fusion: a = tanh(log|C_fg| / 2); S = a * GRTD_n + (1 - a) * LBTC_n after min-max normalisation
-  across the candidate models.
+  across the candidate models. GRTD and LBTC are each a weighted mean over network stages
+  (``decoder_stage_weights``, ``encoder_stage_weights``: TopoTE's Gaussian "paper" profile).
+- Rankings are compared with the truth by two weighted Kendall tau variants (``weighted_taus``).
 - LogME (You et al., ICML 2021) as a baseline: the log marginal evidence of a Bayesian linear model
   from features to one-hot labels, per voxel.
 """
