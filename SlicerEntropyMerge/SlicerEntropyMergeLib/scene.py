@@ -326,7 +326,9 @@ def _number(value) -> float | None:
         return None
 
 
-QUESTION_TITLES = {"as is": _("trust as it is"), "transfer": _("fine-tune")}
+def question_title(question: str | None) -> str | None:
+    """The panel's short name of the question a ranking column answers (translated when called)."""
+    return {"as is": _("trust as it is"), "transfer": _("fine-tune")}.get(question or "")
 
 
 def describe_ranking_columns(ranking_table, columns: list[dict]) -> None:
@@ -336,7 +338,7 @@ def describe_ranking_columns(ranking_table, columns: list[dict]) -> None:
         key = column["key"]
         if ranking_table.GetTable().GetColumnByName(key) is None:
             continue
-        question = QUESTION_TITLES.get(column["question"])
+        question = question_title(column["question"])
         ranking_table.SetColumnLongName(key, f"{question}: {column['title']}" if question else column["title"])
         parts = [question or "", _("{better} is better").format(better=column["better"]) if column["better"] else "",
                  _("labels: {labels}").format(labels=column["labels"])]
@@ -353,7 +355,7 @@ def ranking_chart(build: _ResultBuilder, ranking_table, name: str, columns: list
     chart.SetYAxisTitle(_("score"))
     titles = {c["key"]: c["title"] for c in columns}
     present = {ranking_table.GetTable().GetColumnName(i) for i in range(ranking_table.GetNumberOfColumns())}
-    shown = [(as_is_basis, QUESTION_TITLES["as is"], (0.90, 0.62, 0.0)), ("fused", QUESTION_TITLES["transfer"], (0.0, 0.45, 0.70))]
+    shown = [(as_is_basis, question_title("as is"), (0.90, 0.62, 0.0)), ("fused", question_title("transfer"), (0.0, 0.45, 0.70))]
     for column, question, color in shown:
         if column not in present or not ranking_table.GetTable().GetColumnByName(column).IsNumeric():
             continue
