@@ -68,6 +68,7 @@ def test_json_progress_protocol(tmp_path, model_factory):
     assert records[-1]["type"] == "done" and records[-1]["fraction"] == 1.0
     assert records[-1]["outputs"]["segmentation"].endswith("segmentation.nrrd")
     assert os.path.isfile(records[-1]["outputs"]["segmentation"])
+    assert "method: adaptive" in result.stderr, "the console table goes to stderr when stdout carries the protocol"
 
 
 def bad_run(tmp_path, capsys, *args):
@@ -170,3 +171,23 @@ def test_subprocess_exit_code_and_single_line_error(tmp_path, model_factory):
     assert result.stderr.strip().splitlines() == [f"error: volume not found: {tmp_path / 'missing.nii.gz'}"]
     result = run_cli("run", "--volume", tmp_path / "missing.nii.gz")
     assert result.returncode == 2 and "the following arguments are required: --model, --out" in result.stderr
+
+
+def test_console_table_shows_method_coefficients_and_dice_per_class():
+    from entropymerge.console import run_table
+
+    evaluation = {"per_class": {"organ": {"dice": 0.8123, "in_reference": True}, "lesion": {"dice": 0.0, "in_reference": False}},
+                  "mean_dice": 0.8123}
+    summary = {"method": "adaptive", "decoupled_head": True, "outputs": {"segmentation": "s.nii.gz"}, "evaluation": evaluation,
+               "coefficients": {"body": {"north": 0.75, "a-long-name": 0.25}, "head": {"north": 0.4, "a-long-name": 0.6}}}
+    assert run_table(summary).splitlines() == [
+        "method: adaptive (head merged with its own coefficients beta)",
+        "  model         alpha    beta",
+        "  north         0.750   0.400",
+        "  a-long-name   0.250   0.600",
+        "Dice vs reference: organ 0.812, lesion -; mean 0.812",
+    ]
+    single = dict(summary, method="single", decoupled_head=False, evaluation=None,
+                  coefficients={"body": {"north": 0.0, "south": 1.0}, "head": {"north": 0.0, "south": 1.0}})
+    assert run_table(single).splitlines() == ["method: single", "  model: south"]
+    assert run_table(dict(summary, outputs={}, evaluation=None)) == "", "a ranking-only run has no merge to show"

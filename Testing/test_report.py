@@ -19,7 +19,7 @@ from entropymerge.figures import VIEWS, canonical
 from entropymerge.pipeline import RunOptions, run
 from entropymerge.report import MAX_PREVIEW_SIZE, preview
 from entropymerge.sampledata import site, write_case
-from entropymerge.volume import read_volume
+from entropymerge.volume import read_volume, write_volume
 
 CANVAS_PIXELS = """selector => {
   const canvas = document.querySelector(selector);
@@ -174,3 +174,46 @@ def test_large_volumes_are_shown_subsampled():
     assert max(shown.array.shape) <= MAX_PREVIEW_SIZE and steps.count(2) == 2
     np.testing.assert_array_equal(shown.array, full.array[:: steps[0], :: steps[1], :: steps[2]])
     assert shown.spacing == pytest.approx([s * k for s, k in zip(full.spacing, steps)])
+
+
+def test_single_model_run_without_a_site_and_a_class_missing_from_the_reference(tiny_case, tmp_path):
+    """The rough spots seen on a real bundle: no merging section or merged-head note for one model, a dash for a
+    missing site, a long name not clipped, and a class absent from the reference gets no Dice (like its HD95)."""
+    image, labels, _, folder = tiny_case
+    long_name = "Segmentation Template of a clinic"
+    models = [write_tiny_model(tmp_path / "models", name, seed, site=None, **SAMPLE_LABELS_MODEL)
+              for seed, name in enumerate((long_name, "south"))]
+    reference = read_volume(labels)
+    without_lesion = np.where(reference.array == 3, 0, reference.array).astype(np.uint8)
+    reference_path = write_volume(without_lesion, reference.geometry, tmp_path / "reference.nii.gz")
+    summary = run(RunOptions(volume=image, models=models, out=tmp_path / "single", method="single", single_model="south",
+                             reference=reference_path, report=True, device="cpu"))
+    html = Path(summary["outputs"]["report"]).read_text()
+    coefficients = html.split('id="coefficients"')[1].split("</section>")[0]
+    assert "Site model used" in coefficients and "runs one site model as it is (single: south)" in coefficients
+    assert "head was merged" not in html and "<svg" not in coefficients
+    assert embedded_data(html)["layers"][0]["title"] == "single: south"
+    evaluation = html.split('id="evaluation"')[1].split("</section>")[0]
+    lesion = summary["labels"][3]["name"]
+    assert summary["evaluation"]["per_class"][lesion]["in_reference"] is False
+    row = evaluation.split("<tbody>")[1].split("</tr>")[0]
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", row)
+    assert cells[3] == "–" and cells[7] == "–", f"a class missing from the reference has neither Dice nor HD95: {cells}"
+    details = html.split('id="details"')[1].split("</section>")[0]
+    assert ">None<" not in html and f"<td>{long_name}</td><td>–</td>" in details
+
+    mean = run(RunOptions(volume=image, models=models, out=tmp_path / "mean", method="mean", report=True, device="cpu"))
+    chart = Path(mean["outputs"]["report"]).read_text().split('id="coefficients"')[1].split("</svg>")[0]
+    label_x = float(re.search(rf'<text x="([0-9.]+)" y="[0-9.]+" text-anchor="end">{long_name}</text>', chart).group(1))
+    assert label_x >= 8 * len(long_name), "the name column is wide enough for the longest name"
+
+
+def test_views_open_through_the_largest_structure_not_on_stray_voxels():
+    from entropymerge.figures import CanonicalVolume, structure_slice
+
+    labels = np.zeros((40, 40, 20), np.uint8)
+    labels[15:25, 15:25, 8:13] = 1  # the structure: at most 100 voxels per axial slice
+    labels[::2, ::2, 2] = 2  # 400 scattered stray voxels on one edge slice
+    volume = CanonicalVolume(labels, (1.0, 1.0, 1.0))
+    assert structure_slice(volume, "axial") == 10 and structure_slice(volume, "sagittal") == 20
+    assert structure_slice(CanonicalVolume(np.zeros((4, 6, 8), np.uint8), (1.0, 1.0, 1.0)), "axial") == 4

@@ -214,11 +214,16 @@ def test_ranking_table_holds_the_engine_rows_and_a_bar_chart_shows_them(run):
     np.testing.assert_allclose(table_column(table, "fused"), [row["fused"] for row in ranking["rows"]], atol=1e-9)
     np.testing.assert_allclose(table_column(table, "true_dice"), [row["true_dice"] for row in ranking["rows"]], atol=1e-9)
     assert table_column(table, "rank") == [1.0, 2.0]
+    assert table.GetColumnLongName("true_dice") == "trust as it is: true Dice (the truth)"
+    assert table.GetColumnDescription("true_dice") == "trust as it is; higher is better; labels: reference"
+    assert table.GetColumnLongName("fused") == "fine-tune: fused GRTD+LBTC"
+    assert table.GetColumnDescription("uncertainty") == "trust as it is; lower is better; labels: none"
     chart = run["results"].ranking_chart
     assert chart.GetNumberOfPlotSeriesNodes() == 2
-    series = chart.GetNthPlotSeriesNode(0)
-    assert series.GetPlotType() == slicer.vtkMRMLPlotSeriesNode.PlotTypeBar
-    assert (series.GetYColumnName(), series.GetLabelColumnName(), series.GetTableNode()) == ("fused", "model", table)
+    shown = [chart.GetNthPlotSeriesNode(i) for i in range(2)]
+    assert all(s.GetPlotType() == slicer.vtkMRMLPlotSeriesNode.PlotTypeBar and s.GetTableNode() is table for s in shown)
+    assert [(s.GetYColumnName(), s.GetLabelColumnName()) for s in shown] == [("true_dice", "model"), ("fused", "model")]
+    assert [s.GetName().split(" ", 1)[1] for s in shown] == ["trust as it is: true Dice (the truth)", "fine-tune: fused GRTD+LBTC"]
 
 
 def test_coefficient_and_dice_tables_match_the_summary(run):

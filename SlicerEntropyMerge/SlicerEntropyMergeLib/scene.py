@@ -226,7 +226,9 @@ def import_results(scene, volume, run_folder: str | Path, segmentation=None, ent
         if "ranking_csv" in outputs:
             results.ranking = build.node("vtkMRMLTableNode", "ranking", _("{volume} ranking").format(volume=name))
             fill_table(results.ranking, *csv_rows(outputs["ranking_csv"]))
-            results.ranking_chart = ranking_chart(build, results.ranking, name)
+            columns = (summary.get("ranking") or {}).get("columns") or []
+            describe_ranking_columns(results.ranking, columns)
+            results.ranking_chart = ranking_chart(build, results.ranking, name, columns, (summary.get("ranking") or {}).get("as_is_basis"))
         for node in build.touched:
             _follow_volume(node, volume)
         place_in_study(scene, volume, build.touched)
@@ -366,18 +368,40 @@ def _number(value) -> float | None:
         return None
 
 
-def ranking_chart(build: _ResultBuilder, ranking_table, name: str):
-    """A bar chart of the ranking: the fused transferability score per model, and the true Dice when known."""
+def question_title(question: str | None) -> str | None:
+    """The panel's short name of the question a ranking column answers (translated when called)."""
+    return {"as is": _("trust as it is"), "transfer": _("fine-tune")}.get(question or "")
+
+
+def describe_ranking_columns(ranking_table, columns: list[dict]) -> None:
+    """Each ranking column's long name says which question it answers; its description adds which way
+    is better and the labels it used (the engine's ``ranking.json`` column list)."""
+    for column in columns:
+        key = column["key"]
+        if ranking_table.GetTable().GetColumnByName(key) is None:
+            continue
+        question = question_title(column["question"])
+        ranking_table.SetColumnLongName(key, f"{question}: {column['title']}" if question else column["title"])
+        parts = [question or "", _("{better} is better").format(better=column["better"]) if column["better"] else "",
+                 _("labels: {labels}").format(labels=column["labels"])]
+        ranking_table.SetColumnDescription(key, "; ".join(part for part in parts if part))
+
+
+def ranking_chart(build: _ResultBuilder, ranking_table, name: str, columns: list[dict], as_is_basis: str | None):
+    """A bar chart of the ranking: the score that orders the as-is ranking (the true Dice when known) and the
+    fused transferability score, each titled with its question."""
     chart = build.node("vtkMRMLPlotChartNode", "ranking chart", _("{volume} ranking chart").format(volume=name))
     chart.RemoveAllPlotSeriesNodeIDs()
-    chart.SetTitle(_("Which site model fits {volume}").format(volume=name))
-    chart.SetXAxisTitle(_("site model (best first)"))
+    chart.SetTitle(_("Which site model to trust as it is, which to fine-tune: {volume}").format(volume=name))
+    chart.SetXAxisTitle(_("site model (as-is rank)"))
     chart.SetYAxisTitle(_("score"))
-    columns = {ranking_table.GetTable().GetColumnName(i) for i in range(ranking_table.GetNumberOfColumns())}
-    for column, title, color in (("fused", _("transferability (fused)"), (0.0, 0.45, 0.70)), ("true_dice", _("true Dice"), (0.90, 0.62, 0.0))):
-        if column not in columns or not ranking_table.GetTable().GetColumnByName(column).IsNumeric():
+    titles = {c["key"]: c["title"] for c in columns}
+    present = {ranking_table.GetTable().GetColumnName(i) for i in range(ranking_table.GetNumberOfColumns())}
+    shown = [(as_is_basis, question_title("as is"), (0.90, 0.62, 0.0)), ("fused", question_title("transfer"), (0.0, 0.45, 0.70))]
+    for column, question, color in shown:
+        if column not in present or not ranking_table.GetTable().GetColumnByName(column).IsNumeric():
             continue
-        series = build.node("vtkMRMLPlotSeriesNode", f"ranking series:{column}", f"{name} {title}")
+        series = build.node("vtkMRMLPlotSeriesNode", f"ranking series:{column}", f"{name} {question}: {titles.get(column, column)}")
         series.SetAndObserveTableNodeID(ranking_table.GetID())
         series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeBar)
         series.SetYColumnName(column)

@@ -329,6 +329,7 @@ def command_run(args, progress: Progress) -> None:
 
     options = RunOptions(**{k: v for k, v in vars(args).items() if k in RunOptions.__dataclass_fields__})
     summary = run(options, progress)
+    print_run_table(summary, args.progress)
     if args.progress != "json":
         print(f"segmentation: {summary['outputs']['segmentation']}")
         print(f"entropy map:  {summary['outputs']['entropy']}")
@@ -344,11 +345,16 @@ def command_rank(args, progress: Progress) -> None:
 
     options = RunOptions(**{k: v for k, v in vars(args).items() if k in RunOptions.__dataclass_fields__})
     summary = run(options, progress)
+    print_run_table(summary, args.progress)
     if args.progress != "json":
-        from .ranking import ranking_table
-
-        print(ranking_table(summary["ranking"]))
         print(f"ranking: {summary['outputs']['ranking']}\n         {summary['outputs']['ranking_csv']}")
+
+
+def print_run_table(summary: dict, progress_mode: str) -> None:
+    """The run's compact table; on stderr when stdout carries the JSON progress protocol."""
+    from .console import run_table
+
+    print(run_table(summary), file=sys.stderr if progress_mode == "json" else sys.stdout)
 
 
 def command_demo(args, progress: Progress) -> None:

@@ -52,18 +52,25 @@ def label_colormap(labels: tuple[Label, ...]) -> ListedColormap:
     return ListedColormap(colors)
 
 
-def busiest_slice(labels: CanonicalVolume, view: str = "axial") -> int:
-    """The slice with the most foreground (so the figure shows the structures)."""
+def structure_slice(labels: CanonicalVolume, view: str = "axial") -> int:
+    """The slice through the centre of the largest connected foreground structure, so the view opens
+    on the anatomy (a slab of stray voxels at the volume's edge, which can hold the most foreground
+    voxels of any slice, does not pull it there); the middle slice when there is no foreground."""
+    from scipy import ndimage
+
     axis = VIEW_AXES[view]
-    counts = (labels.array > 0).sum(axis=tuple(a for a in range(3) if a != axis))
-    return int(np.argmax(counts)) if counts.any() else labels.array.shape[axis] // 2
+    components, count = ndimage.label(labels.array > 0)
+    if count == 0:
+        return labels.array.shape[axis] // 2
+    largest = int(np.argmax(np.bincount(components.reshape(-1))[1:])) + 1
+    return int(round(float(np.argwhere(components == largest)[:, axis].mean())))
 
 
 def most_different_slice(first: CanonicalVolume, second: CanonicalVolume, fallback: CanonicalVolume, view: str = "axial") -> int:
     """The slice where two label maps disagree on the most voxels; the busiest slice of ``fallback`` when they agree."""
     axis = VIEW_AXES[view]
     counts = (first.array != second.array).sum(axis=tuple(a for a in range(3) if a != axis))
-    return int(np.argmax(counts)) if counts.any() else busiest_slice(fallback, view)
+    return int(np.argmax(counts)) if counts.any() else structure_slice(fallback, view)
 
 
 def show_image(axes, image: CanonicalVolume, view: str, index: int, window: tuple[float, float], brightness: float = 1.0):

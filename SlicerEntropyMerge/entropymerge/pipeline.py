@@ -45,6 +45,7 @@ from .merging import (
     probe_batch_size,
     probe_probabilities,
     select_probe,
+    site_scores,
     statistic_coefficients,
 )
 from .methods import PlanContext, get_method
@@ -507,10 +508,16 @@ def rank_case(case: Case, options: RunOptions, probe_run: ProbeRun, plan: MergeP
                 entry["evaluation"] = case.evaluate(case.segment(case.probabilities(model.network)).labels)
                 per_model[model.name] = entry
             true_dice.append(entry["evaluation"]["mean_dice"] or 0.0)
+    # The label-free as-is score is the per-model score the merge itself used (whatever its statistic).
+    statistic = plan.details.get("statistic", options.statistic)
+    uncertainty = plan.details.get("scores")
+    if uncertainty is None:
+        uncertainty = site_scores(stats, statistic)
     alpha = plan.body.tolist() if plan.method == "adaptive" and plan.body is not None else statistic_coefficients(
-        stats, options.statistic, options.temperature).tolist()
+        stats, statistic, options.temperature).tolist()
     return rank_models(case.models, case.inputs, probe_run.probe, source, case.device, probe_run.tapped,
-                       entropy=stats["foreground_entropy"], alpha=alpha, true_dice=true_dice, seed=options.seed)
+                       uncertainty=[float(u) for u in uncertainty], statistic=statistic, entropy=stats["entropy"],
+                       alpha=alpha, true_dice=true_dice, seed=options.seed)
 
 
 def _run_every_model(case: Case, options: RunOptions, output: OutputFolder, per_model: dict, progress: Progress, timings: Timings,

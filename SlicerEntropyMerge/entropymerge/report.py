@@ -23,7 +23,7 @@ import numpy as np
 from matplotlib import colormaps
 
 from .errors import UserInputError
-from .figures import ENTROPY_COLORMAP, ENTROPY_LABEL, VIEW_AXES, VIEWS, CanonicalVolume, busiest_slice, canonical, intensity_window, label_colormap
+from .figures import ENTROPY_COLORMAP, ENTROPY_LABEL, VIEW_AXES, VIEWS, CanonicalVolume, canonical, intensity_window, label_colormap, structure_slice
 from .modelcard import Label, is_hex_color
 from .outputs import SUMMARY_NAME, write_text_atomically
 from .progress import Progress
@@ -34,6 +34,7 @@ MAX_PREVIEW_SIZE = 160  # voxels per axis shown; larger volumes are subsampled t
 # Screen edges (top, right, bottom, left) of each view, as figures.CanonicalVolume.slice draws it.
 SCREEN_EDGES = {"axial": ("A", "L", "P", "R"), "coronal": ("S", "L", "I", "R"), "sagittal": ("S", "P", "I", "A")}
 SERIES_COLORS = ("#0072b2", "#e69f00")  # body alpha, head beta (Okabe-Ito)
+SINGLE_MODEL_METHODS = ("single", "select", "oracle")  # one-hot coefficients: one site model runs as it is
 
 
 @dataclass
@@ -65,7 +66,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, volume: str
     outputs = summary["outputs"]
     merged = read_label_map(run_dir / outputs["segmentation"], target.geometry, "segmentation")
     entropy = read_volume(run_dir / outputs["entropy"], "entropy map")
-    layers = [Layer(f"merged ({summary['method']})", _dice_text(summary.get("evaluation")), merged.array)]
+    layers = [Layer(_result_title(summary), _dice_text(summary.get("evaluation")), merged.array)]
     for model in summary["models"]:
         key = f"segmentation_{model['name']}"
         if key in outputs:
@@ -156,7 +157,7 @@ def view_layout(image: CanonicalVolume, labels: CanonicalVolume, view: str) -> d
     ``origin + n * slice_step + r * row_step + c * column_step`` of the flattened array. The steps are
     read off ``CanonicalVolume.slice`` applied to an array of element numbers, so the page shows
     exactly what the figures show. Also: slice count, aspect (height/width per pixel), mm per pixel
-    (horizontal, vertical), mm between slices, and the slice to show first (the busiest).
+    (horizontal, vertical), mm between slices, and the slice to show first (through the largest structure).
     """
     numbers = CanonicalVolume(np.arange(image.array.size).reshape(image.array.shape), image.spacing)
     first, aspect = numbers.slice(view, 0)
@@ -168,7 +169,7 @@ def view_layout(image: CanonicalVolume, labels: CanonicalVolume, view: str) -> d
             "origin": int(first[0, 0]), "slice_step": int(second[0, 0] - first[0, 0]),
             "row_step": int(first[1, 0] - first[0, 0]), "column_step": int(first[0, 1] - first[0, 0]),
             "pixel_mm": [horizontal, vertical], "slice_mm": image.spacing[axis],
-            "start": busiest_slice(labels, view), "edges": SCREEN_EDGES[view]}
+            "start": structure_slice(labels, view), "edges": SCREEN_EDGES[view]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,6 +182,14 @@ def _e(value) -> str:
 
 def _number(value, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _result_title(summary: dict) -> str:
+    """What produced the run's segmentation: the merged model, or the one site model that ran."""
+    body = (summary.get("coefficients") or {}).get("body")
+    if summary["method"] in SINGLE_MODEL_METHODS and body:
+        return f"{summary['method']}: {max(body, key=body.get)}"
+    return f"merged ({summary['method']})"
 
 
 def _dice_text(evaluation: dict | None) -> str:
@@ -271,12 +280,15 @@ def _coefficients_section(summary: dict) -> str:
     if not coefficients.get("body"):
         return (f"<section id=\"coefficients\"><h2>Merging coefficients</h2><p>The {_e(summary['method'])} method merges no "
                 f"weights: it runs every site model in full.</p></section>")
+    if summary["method"] in SINGLE_MODEL_METHODS:
+        return (f"<section id=\"coefficients\"><h2>Site model used</h2><p>The {_e(summary['method'])} method merges nothing: "
+                f"it runs one site model as it is ({_e(_result_title(summary))}).</p></section>")
     series = [("body α", coefficients["body"])] + ([("head β", coefficients["head"])] if summary.get("decoupled_head") else [])
     details = summary.get("merge_details") or {}
     scores = details.get("scores") or {}
     statistic = details.get("statistic", "")
     header = ["model", "site"] + ([f"H<sub>k</sub> ({_e(statistic)})"] if scores else []) + [_e(s) for s, _ in series]
-    rows = [[_e(name), _e(model["site"])] + ([_number(scores.get(name))] if scores else []) +
+    rows = [[_e(name), _e(model["site"] or "–")] + ([_number(scores.get(name))] if scores else []) +
             [_number(values[name]) for _, values in series] for name, model in zip(names, summary["models"])]
     caption = "Each set of coefficients sums to 1; a lower probe uncertainty H_k gives a larger weight."
     note = "" if summary.get("decoupled_head") else "<p class=\"note\">The head was merged with the body's coefficients α.</p>"
@@ -286,7 +298,7 @@ def _coefficients_section(summary: dict) -> str:
 
 def _bar_chart(names: list[str], series: list[tuple[str, dict]], width: int = 420, bar: int = 16) -> str:
     """Grouped horizontal bars, one group per model, on a 0..1 axis (SVG)."""
-    left, top, gap = 150, 30, 14
+    left, top, gap = max(150, 16 + 8 * max(len(name) for name in names)), 30, 14  # about 8 px per character: names are not clipped
     group = bar * len(series) + gap
     height = top + group * len(names) + 40
     grid = "".join(f"<line x1=\"{left + t * width:.1f}\" y1=\"{top - 6}\" x2=\"{left + t * width:.1f}\" y2=\"{height - 36}\" class=\"grid\"/>"
@@ -314,14 +326,14 @@ def _evaluation_section(summary: dict) -> str:
     classes = [l["name"] for l in summary["labels"][1:]]
     header = ["segmentation", *[f"Dice {_e(c)}" for c in classes], "mean Dice", *[f"HD95 {_e(c)} (mm)" for c in classes],
               "mean HD95 (mm)"]
-    entries = [(f"merged ({summary['method']})", summary["evaluation"])]
+    entries = [(_result_title(summary), summary["evaluation"])]
     entries += [(name, entry["evaluation"]) for name, entry in (summary.get("per_model") or {}).items() if entry.get("evaluation")]
     best = max((e["mean_dice"] or 0.0) for _, e in entries)
     rows = []
     for name, evaluation in entries:
         per_class = evaluation["per_class"]
         mean = _number(evaluation["mean_dice"])
-        rows.append([_e(name), *[_number(per_class[c]["dice"]) for c in classes],
+        rows.append([_e(name), *[_number(per_class[c]["dice"] if per_class[c].get("in_reference", True) else None) for c in classes],
                      f"<b>{mean}</b>" if (evaluation["mean_dice"] or 0.0) == best else mean,
                      *[_number(per_class[c]["hd95_mm"], 1) for c in classes], _number(evaluation["mean_hd95_mm"], 1)])
     return (f"<section id=\"evaluation\"><h2>Quality against the reference</h2>"
@@ -332,22 +344,34 @@ def _evaluation_section(summary: dict) -> str:
 def _ranking_section(summary: dict) -> str:
     ranking = summary.get("ranking")
     if not ranking:
-        return ("<section id=\"ranking\"><h2>Transferability ranking</h2>"
+        return ("<section id=\"ranking\"><h2>Ranking the site models</h2>"
                 "<p>Not computed for this run (<code>--rank</code>).</p></section>")
-    header = ["rank", "model", "fused", "GRTD", "LBTC", "LogME", "H<sub>k</sub>", "α", "true Dice"]
-    rows = [[str(row["rank"]), _e(row["model"]), *[_number(row.get(k)) for k in ("fused", "grtd", "lbtc", "logme", "entropy", "alpha", "true_dice")]]
-            for row in ranking["rows"]]
-    caption = f"Labels: {_e(ranking['description'])}{' (self-referenced)' if ranking['self_referenced'] else ''}. Higher scores rank first."
-    tau = ranking.get("weighted_kendall_tau")
-    tau_text = ("<p class=\"note\">Weighted Kendall τ against the true Dice: " + ", ".join(f"{_e(k)} {v:+.3f}" for k, v in tau.items())
-                + "</p>") if tau else ""
-    return f"<section id=\"ranking\"><h2>Transferability ranking</h2>{_table(header, rows, caption, text_columns=2)}{tau_text}</section>"
+    columns = [c for c in ranking["columns"] if c["key"] != "model"]
+    groups = {"as is": "trust as it is", "transfer": "fine-tune"}
+    header = ["model"] + [f"{_e(c['title'])}<br><small>{groups.get(c['question'], '')}"
+                          f"{' · ' + ('lower' if c['better'] == 'lower' else 'higher') + ' better' if c['better'] else ''}</small>"
+                          for c in columns]
+    rows = [[_e(row["model"]), *[str(row[c["key"]]) if isinstance(row.get(c["key"]), int) else _number(row.get(c["key"]))
+                                 for c in columns]] for row in ranking["rows"]]
+    basis = next((c["title"] for c in ranking["columns"] if c["key"] == ranking["as_is_basis"]), ranking["as_is_basis"])
+    questions = ranking["questions"]
+    as_is_labels = sorted({"none (label-free)" if c["labels"] == "none" else c["labels"]
+                           for c in columns if c["question"] == "as is" and c["better"]})
+    caption = (f"<b>Trust as it is</b> ({_e(questions['as is'])}): rows ordered by {_e(basis)}; labels used: {_e(', '.join(as_is_labels))}. "
+               f"<b>Fine-tune</b> ({_e(questions['transfer'])}): transfer rank by the fused score; labels: {_e(ranking['description'])}"
+               f"{' (self-referenced: the merged prediction)' if ranking['self_referenced'] else ''}.")
+    taus = ranking.get("weighted_kendall_tau") or {}
+    titles = {c["key"]: c["title"] for c in ranking["columns"]}
+    tau_text = "".join(f"<p class=\"note\">Weighted Kendall τ against the true Dice ({_e(variant)}): "
+                       + ", ".join(f"{_e(titles.get(k, k))} {v:+.3f}" for k, v in values.items()) + "</p>" for variant, values in taus.items())
+    notes = "".join(f"<p class=\"note\"><b>Note:</b> {_e(note)}</p>" for note in ranking.get("notes") or [])
+    return (f"<section id=\"ranking\"><h2>Ranking the site models</h2>{_table(header, rows, caption)}{tau_text}{notes}</section>")
 
 
 def _details_section(summary: dict) -> str:
     timings = _table(["stage", "time (s)"], [[_e(k), _number(v, 2)] for k, v in summary["timings_s"].items()])
     models = _table(["model", "site", "file", "parameters"],
-                    [[_e(m["name"]), _e(m["site"]), _e(m["source"]), f"{m['parameters']:,}"] for m in summary["models"]], text_columns=3)
+                    [[_e(m["name"]), _e(m["site"] or "–"), _e(m["source"]), f"{m['parameters']:,}"] for m in summary["models"]], text_columns=3)
     notes = "".join(f"<li>{_e(n)}</li>" for n in summary.get("notes") or [])
     versions = ", ".join(f"{_e(k)} {_e(v)}" for k, v in summary["versions"].items())
     return (f"<section id=\"details\"><h2>Run details</h2><div class=\"pair\">{timings}{models}</div>"

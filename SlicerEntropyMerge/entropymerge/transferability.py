@@ -13,7 +13,9 @@ Scores (METHODS.md section 4), computed from features hooked inside each model a
   fraction rho of local-MST edges (anchor + k nearest feature neighbours) joining different labels;
   LBTC = clip(1 - mean rho, 0, 1).
 - Fusion: a = tanh(log|C_fg| / 2); S = a * GRTD_n + (1 - a) * LBTC_n after min-max normalisation
-  across the candidate models.
+  across the candidate models. GRTD and LBTC are each a weighted mean over network stages
+  (``decoder_stage_weights``, ``encoder_stage_weights``: TopoTE's Gaussian "paper" profile).
+- Rankings are compared with the truth by two weighted Kendall tau variants (``weighted_taus``).
 - LogME (You et al., ICML 2021) as a baseline: the log marginal evidence of a Bayesian linear model
   from features to one-hot labels, per voxel.
 """
@@ -25,7 +27,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
-from scipy.sparse.csgraph import minimum_spanning_tree
 from scipy.spatial import cKDTree
 from scipy.spatial.distance import cdist
 from scipy.stats import weightedtau
@@ -109,6 +110,28 @@ def cap_per_class(labels: np.ndarray, cap: int, rng: np.random.Generator) -> np.
 # Scores
 
 
+def minimum_spanning_tree_edges(distances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The N - 1 edges (rows, cols) of a minimum spanning tree of a dense symmetric (N, N) distance
+    matrix, by Prim's algorithm: O(N^2) with vector steps, much faster than sorting all N^2 edges,
+    and zero distances stay edges (duplicate points are joined at zero cost)."""
+    count = len(distances)
+    in_tree = np.zeros(count, dtype=bool)
+    in_tree[0] = True
+    best = distances[0].astype(np.float64, copy=True)
+    parent = np.zeros(count, dtype=np.int64)
+    best[0] = np.inf
+    rows, cols = np.zeros(count - 1, dtype=np.int64), np.zeros(count - 1, dtype=np.int64)
+    for edge in range(count - 1):
+        nearest = int(np.argmin(best))
+        rows[edge], cols[edge] = parent[nearest], nearest
+        in_tree[nearest] = True
+        best[nearest] = np.inf
+        closer = ~in_tree & (distances[nearest] < best)
+        best[closer] = distances[nearest][closer]
+        parent[closer] = nearest
+    return rows, cols
+
+
 def grtd(features: np.ndarray, labels: np.ndarray, rng: np.random.Generator, cap: int = MST_CAP) -> tuple[float, dict]:
     """GRTD of (N, F) features against (N,) labels; returns the score and delta per class."""
     keep = cap_per_class(labels, cap, rng)
@@ -118,13 +141,13 @@ def grtd(features: np.ndarray, labels: np.ndarray, rng: np.random.Generator, cap
     distances = cdist(x, x)
     off_diagonal = distances[~np.eye(len(x), dtype=bool)]
     scale = float(np.median(off_diagonal))
-    tree = minimum_spanning_tree(distances + 1e-12 * (distances == 0)).tocoo()  # zero distances would vanish as edges
-    weight = tree.data
-    cross = y[tree.row] != y[tree.col]
+    rows, cols = minimum_spanning_tree_edges(distances)
+    weight = distances[rows, cols]
+    cross = y[rows] != y[cols]
     semantic = np.where(cross, np.minimum(weight, scale), 0.0)
     deltas = {}
     for c in np.unique(y):
-        touching = (y[tree.row] == c) | (y[tree.col] == c)
+        touching = (y[rows] == c) | (y[cols] == c)
         total = weight[touching].sum()
         if total > 0:
             deltas[int(c)] = float((total - semantic[touching].sum()) / total)
@@ -147,8 +170,8 @@ def lbtc(features: np.ndarray, labels: np.ndarray, anchor_features: np.ndarray, 
         point_labels = np.concatenate([[anchor_label], labels[neighbourhood]])
         if len(np.unique(point_labels)) < 2:
             continue
-        local = minimum_spanning_tree(cdist(points, points) + 1e-12).tocoo()
-        fractions.append(float(np.mean(point_labels[local.row] != point_labels[local.col])))
+        rows, cols = minimum_spanning_tree_edges(cdist(points, points))
+        fractions.append(float(np.mean(point_labels[rows] != point_labels[cols])))
     if not fractions:
         return 1.0
     return float(np.clip(1.0 - np.mean(fractions), 0.0, 1.0))
@@ -176,12 +199,15 @@ def logme(features: np.ndarray, labels: np.ndarray, iterations: int = 100, toler
     noise ~ N(0, 1/beta), with alpha and beta at their evidence maximum (MacKay's fixed point)."""
     f = features.astype(np.float64)
     n, d = f.shape
-    u, s, _ = np.linalg.svd(f, full_matrices=False)
-    sigma = s ** 2
+    # The SVD of the (n, d) features through the small (d, d) Gram matrix: sigma = s^2, u = f v / s.
+    eigenvalues, vectors = np.linalg.eigh(f.T @ f)
+    kept = eigenvalues > eigenvalues.max() * 1e-10
+    sigma, vectors = eigenvalues[kept], vectors[:, kept]
+    projection = vectors / np.sqrt(sigma)  # u = f @ projection
     scores = []
     for c in np.unique(labels):
         y = (labels == c).astype(np.float64)
-        z = u.T @ y
+        z = projection.T @ (f.T @ y)
         outside = max(float(y @ y - z @ z), 0.0)  # the part of y no feature direction explains
         alpha, beta = 1.0, 1.0
         for _ in range(iterations):
@@ -204,12 +230,59 @@ def logme(features: np.ndarray, labels: np.ndarray, iterations: int = 100, toler
     return float(np.mean(scores))
 
 
+def _true_rank(truth) -> np.ndarray:
+    """Rank of each item by ``truth``, 0 = best (highest); ties keep their input order."""
+    return np.argsort(np.argsort(-np.asarray(truth, dtype=np.float64), kind="stable"), kind="stable")
+
+
 def weighted_kendall_tau(scores, truth) -> float:
     """Weighted Kendall tau between a score ranking and the true ranking, with hyperbolic weights
     1 / (r + 1) on the true rank r (0 = best) and additive pair weights (scipy's weightedtau)."""
     truth = np.asarray(truth, dtype=np.float64)
-    true_rank = np.argsort(np.argsort(-truth, kind="stable"), kind="stable")
-    return float(weightedtau(np.asarray(scores, dtype=np.float64), truth, rank=true_rank).statistic)
+    return float(weightedtau(np.asarray(scores, dtype=np.float64), truth, rank=_true_rank(truth)).statistic)
+
+
+def weighted_kendall_tau_multiplicative(scores, truth) -> float:
+    """TopoTE's weighted Kendall tau (their Eq. 7): 1 - 2 * sum_{i<j} w(i) w(j) [discordant] / sum_{i<j} w(i) w(j),
+    with the items in true order (best first), w(i) = 1 / (i + 1), and a pair discordant when the
+    better item scores strictly lower (a tie in the scores counts as concordant, as in their code).
+    A pair's weight is the product of its two weights, so swaps among the top items cost most."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if len(scores) < 2:
+        return 0.0
+    in_true_order = scores[np.argsort(_true_rank(truth), kind="stable")]
+    weights = 1.0 / np.arange(1, len(scores) + 1)
+    pair_weights = np.triu(np.outer(weights, weights), k=1)
+    discordant = np.triu(in_true_order[:, None] < in_true_order[None, :], k=1)
+    return float(1.0 - 2.0 * pair_weights[discordant].sum() / pair_weights.sum())
+
+
+def weighted_taus(scores, truth) -> dict[str, float]:
+    """Both weighted Kendall tau variants of a score list against the truth: ``additive`` (scipy's
+    weightedtau, hyperbolic rank weights added per pair) and ``multiplicative`` (TopoTE's Eq. 7)."""
+    return {"additive": weighted_kendall_tau(scores, truth), "multiplicative": weighted_kendall_tau_multiplicative(scores, truth)}
+
+
+# TopoTE's layer weights: a Gaussian over the stages, centred on the middle decoder stage and on the
+# stage just past the middle of the encoder (their "paper" profile fits sigma 0.8 and 0.9).
+DECODER_SIGMA = 0.8
+ENCODER_SIGMA = 0.9
+
+
+def stage_weights(count: int, centre: float, sigma: float) -> np.ndarray:
+    """Normalised Gaussian weights exp(-(i - centre)^2 / (2 sigma^2)) over stages i = 0 .. count-1."""
+    raw = np.exp(-0.5 * ((np.arange(count) - centre) / sigma) ** 2)
+    return raw / raw.sum()
+
+
+def decoder_stage_weights(count: int) -> np.ndarray:
+    """GRTD's weights over ``count`` decoder stages (coarse to fine), centred on the middle one."""
+    return stage_weights(count, (count - 1) / 2, DECODER_SIGMA)
+
+
+def encoder_stage_weights(count: int) -> np.ndarray:
+    """LBTC's weights over ``count`` encoder stages (fine to coarse), centred at count / 2 (clipped to the last)."""
+    return stage_weights(count, min(count / 2, count - 1), ENCODER_SIGMA)
 
 
 @dataclass
