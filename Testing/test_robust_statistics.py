@@ -12,7 +12,7 @@ import torch
 
 from entropymerge.entropy import foreground_weights, leave_one_out_consensus, prediction_bias, probe_statistics
 from entropymerge.fingerprint import FINGERPRINT_KEY, QUANTILES, fingerprint_distances, intensity_fingerprint
-from entropymerge.merging import STATISTICS, AdaptiveSettings, shrink_toward_mean, site_scores, statistic_coefficients
+from entropymerge.merging import STATISTICS, AdaptiveSettings, shrink_toward_mean, site_scores, statistic_coefficients, trimmed_mean
 
 ROBUST = ("cross_entropy", "entropy_kl", "cross_entropy_bias", "shrunk_cross_entropy")
 
@@ -134,3 +134,18 @@ def test_fingerprint_distance_prefers_the_site_whose_training_intensities_match_
         site_scores(stats, "fingerprint")
     stats["fingerprint_distance"] = distances
     assert int(np.argmax(statistic_coefficients(stats, "fingerprint", 0.05))) == 0
+
+
+def test_trimmed_mean_drops_only_a_site_far_off_the_others():
+    # Scores measured with the bundled sample (four DropGen sites and northgate-t2 on lowfield-t1): the silent
+    # site's consensus cross-entropy + bias is about 7x the others'; the four alike sites keep 1/4 each.
+    np.testing.assert_allclose(trimmed_mean([0.975, 1.141, 1.125, 0.924, 7.693]), [0.25, 0.25, 0.25, 0.25, 0.0])
+    np.testing.assert_allclose(trimmed_mean([0.975, 1.141, 1.125, 0.924]), [0.25] * 4)  # small differences: the mean merge
+    np.testing.assert_allclose(trimmed_mean([1.0, 1.05, 1.1, 1.3]), [0.25] * 4)  # above 3 MADs but within half the median
+    assert trimmed_mean([0.2, 0.2, 5.0])[2] == 0.0  # the lowest score is never the outlier: only high scores are dropped
+
+
+def test_trimmed_mean_statistic_rejects_a_confidently_wrong_site():
+    for wrong in ("empty", "inverted"):
+        alpha = statistic_coefficients(probe_statistics(sites_with_one_wrong(wrong)), "trimmed_mean", 0.05)
+        np.testing.assert_allclose(alpha, [0.5, 0.5, 0.0])

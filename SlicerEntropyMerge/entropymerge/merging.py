@@ -315,12 +315,14 @@ class Statistic:
     """One label-free per-model score s_k behind alpha = softmax(-s / tau) (lower = more trusted).
 
     ``shrink``: pull alpha toward the mean merge as far as the models disagree (see ``shrink_toward_mean``).
+    ``trim``: no softmax: the mean merge of the models whose score is not an outlier (see ``trimmed_mean``).
     ``alone``: it means something for one model on its own (an entropy), so ``--refine`` can score a
     merged candidate with it; the others compare models with each other or with their training data.
     """
 
     keys: tuple[str, ...]  # s_k is the sum of these probe statistics
     shrink: bool = False
+    trim: bool = False
     description: str = ""
     alone: bool = False
 
@@ -338,6 +340,8 @@ STATISTICS: dict[str, Statistic] = {
     "entropy_kl": Statistic(("foreground_entropy", "consensus_kl"),
                             description="foreground entropy + KL of the others' mean output to the model's (unbounded)"),
     "cross_entropy_bias": Statistic(("cross_entropy", "prediction_bias"), description="consensus cross-entropy + prediction bias"),
+    "trimmed_mean": Statistic(("cross_entropy", "prediction_bias"), trim=True,
+                              description="mean merge of the sites whose consensus cross-entropy + bias is no outlier"),
     "shrunk_cross_entropy": Statistic(("cross_entropy",), shrink=True,
                                       description="consensus cross-entropy, shrunk toward the mean merge by disagreement"),
     "fingerprint": Statistic(("fingerprint_distance",), description="distance of the target's intensities to the site's training data"),
@@ -387,8 +391,26 @@ def site_scores(stats: dict[str, list[float]], statistic: str) -> list[float]:
     return STATISTICS[statistic].score(stats)
 
 
+def trimmed_mean(scores: Sequence[float], spread: float = 3.0, relative: float = 0.5) -> np.ndarray:
+    """Equal weights for every model except the outliers, which get 0.
+
+    A model is an outlier when its score s_k exceeds the median by more than both ``spread`` robust standard
+    deviations (1.4826 x the median absolute deviation) and ``relative`` x the median: a site that is far off
+    the others' consensus (one that finds nothing, an inverted contrast) is dropped, while sites that differ
+    only a little all keep 1/K' (a sharp softmax over small differences would discard good sites).
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    median = float(np.median(scores))
+    deviation = 1.4826 * float(np.median(np.abs(scores - median)))
+    kept = scores - median <= max(spread * deviation, relative * abs(median))
+    return kept / kept.sum()
+
+
 def statistic_coefficients(stats: dict[str, list[float]], statistic: str, temperature: float) -> np.ndarray:
-    """alpha from the probe statistics: softmax(-s / tau), shrunk toward the mean where the statistic says so."""
+    """alpha from the probe statistics: softmax(-s / tau), shrunk toward the mean where the statistic says so,
+    or the trimmed mean merge for a ``trim`` statistic (the temperature then plays no part)."""
+    if STATISTICS[statistic].trim:
+        return trimmed_mean(site_scores(stats, statistic))
     alpha = softmax_coefficients(site_scores(stats, statistic), temperature)
     return shrink_toward_mean(alpha, stats["disagreement"]) if STATISTICS[statistic].shrink else alpha
 
