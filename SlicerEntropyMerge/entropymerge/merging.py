@@ -436,7 +436,7 @@ class AdaptiveSettings:
     temperature: float = 0.05
     head_temperature: float = 0.05
     decouple_head: bool = True
-    statistic: str = "cross_entropy_bias"  # chosen by benchmarks/merging_quality.py (issue 12)
+    statistic: str = "trimmed_mean"  # chosen by benchmarks/merging_quality.py (issue 12)
     refine: bool = False
     batchnorm: str = "merge"  # or "reestimate" on the probe
 
