@@ -65,11 +65,12 @@ def test_lower_entropy_model_gets_larger_alpha(base_model):
 
 def test_decoupled_head_coefficients_differ_from_alpha(model_factory):
     models = [load_site_model(model_factory(f"m{i}", seed=10 + i)) for i in range(3)]
-    plan, _ = plan_for(models, AdaptiveSettings(temperature=0.02))
+    # a softmax statistic: trimmed_mean would give both body and head 1/K
+    plan, _ = plan_for(models, AdaptiveSettings(temperature=0.02, statistic="foreground_entropy"))
     assert plan.details["head_module"] == "model.2"
     assert not np.allclose(plan.head, plan.body, atol=1e-3)
     assert plan.head_keys and all(key.startswith("model.2.") for key in plan.head_keys)
-    undecoupled, _ = plan_for(models, AdaptiveSettings(temperature=0.02, decouple_head=False))
+    undecoupled, _ = plan_for(models, AdaptiveSettings(temperature=0.02, statistic="foreground_entropy", decouple_head=False))
     assert undecoupled.head is None and not undecoupled.head_keys
     np.testing.assert_allclose(undecoupled.body, plan.body)
 
