@@ -268,7 +268,7 @@ def cli(tmp_path, *args) -> dict:
     out = tmp_path / "out"
     code = main([*map(str, args), "--out", str(out), "--progress", "none", "--feature-cache", str(tmp_path / "cache")])
     assert code == 0
-    return json.loads((out / "summary.json").read_text())
+    return json.loads((out / "summary.json").read_text(encoding="utf-8"))
 
 
 def test_run_with_dsbr_records_the_adaptation(tmp_path, mind_models, sphere_case):
@@ -335,7 +335,7 @@ def test_path_marks_endpoints_mean_and_adaptive_weight(tmp_path, mind_models, sp
     # lambda = 0 is model A itself: the same Dice as model A alone
     single = cli(tmp_path / "single", "run", "--volume", image, "--model", a, "--reference", labels)
     assert points[("A",)]["evaluation"]["mean_dice"] == pytest.approx(single["evaluation"]["mean_dice"])
-    rows = (tmp_path / "out" / "path.csv").read_text().splitlines()
+    rows = (tmp_path / "out" / "path.csv").read_text(encoding="utf-8").splitlines()
     assert rows[0].startswith("lambda,weight_site0,weight_site2,marker,probe_entropy,") and "mean_dice" in rows[0]
     assert len(rows) == 1 + len(lambdas) and rows[1].split(",")[3] == "A" and rows[-1].split(",")[3] == "B"
     picture = matplotlib.image.imread(tmp_path / "out" / "path.png")

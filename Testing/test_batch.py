@@ -84,7 +84,7 @@ def test_cases_in_a_csv(tmp_path):
     ("case,volume\n", "no cases in"),
 ])
 def test_bad_case_lists(tmp_path, content, message):
-    (tmp_path / "cases.csv").write_text(content)
+    (tmp_path / "cases.csv").write_text(content, encoding="utf-8")
     with pytest.raises(UserInputError, match=message):
         discover_cases(tmp_path / "cases.csv")
 
@@ -111,7 +111,7 @@ def test_same_table_serially_in_processes_and_on_dask(case_folder, models, tmp_p
     assert [row["case"] for row in serial] == ["broken"] + [f"cbct_{990000 + seed:05d}" for seed in range(CASES)]
     broken = serial[0]
     assert broken["status"] == "failed" and "broken_image.nii.gz" in broken["error"] and broken["method"] == ""
-    assert (tmp_path / "serial" / "broken" / "error.txt").read_text().startswith(broken["error"])
+    assert (tmp_path / "serial" / "broken" / "error.txt").read_text(encoding="utf-8").startswith(broken["error"])
     for row in serial[1:]:
         assert row["status"] == "completed" and row["error"] == "" and row["method"] == "adaptive"
         assert row["reference"] == str(case_folder / f"{row['case']}_labels.nii.gz")
@@ -120,7 +120,7 @@ def test_same_table_serially_in_processes_and_on_dask(case_folder, models, tmp_p
         assert 0.0 <= float(row["mean_dice"]) <= 1.0 and float(row["mean_hd95_mm"]) > 0
         assert {"dice_structure 1", "dice_structure 3", "hd95_mm_structure 2"} <= set(row)
         assert float(row["time_total_s"]) > 0
-        summary = json.loads((tmp_path / "serial" / row["case"] / "summary.json").read_text())
+        summary = json.loads((tmp_path / "serial" / row["case"] / "summary.json").read_text(encoding="utf-8"))
         assert summary["volume"]["path"] == row["volume"] and summary["coefficients"]["body"]["north"] == float(row["alpha_north"])
     assert list(serial[0])[-1] == "time_total_s", "the timings come last"
 
@@ -189,16 +189,16 @@ def test_case_folders_holding_other_results_are_left_alone(case_folder, models, 
     options = RunOptions(volume=Path(), models=models, device="cpu")
     foreign = {"volume": {"path": str(other.volume)}, "outputs": {"summary": "summary.json"}}
     (tmp_path / case.name).mkdir()
-    (tmp_path / case.name / "summary.json").write_text(json.dumps(foreign))
+    (tmp_path / case.name / "summary.json").write_text(json.dumps(foreign), encoding="utf-8")
     result = run_batch([case], options, tmp_path)
     assert result.failed == [case.name]
     assert "holds the results of another volume" in result.rows[0]["error"]
-    assert json.loads((tmp_path / case.name / "summary.json").read_text()) == foreign, "never overwritten"
+    assert json.loads((tmp_path / case.name / "summary.json").read_text(encoding="utf-8")) == foreign, "never overwritten"
 
-    (tmp_path / case.name / "summary.json").write_text("{ cut short")
+    (tmp_path / case.name / "summary.json").write_text("{ cut short", encoding="utf-8")
     assert "summary.json is unreadable" in run_batch([case], options, tmp_path).rows[0]["error"]
     mine = {"volume": {"path": str(case.volume)}, "outputs": {"summary": "summary.json", "segmentation": "segmentation.nii.gz"}}
-    (tmp_path / case.name / "summary.json").write_text(json.dumps(mine))
+    (tmp_path / case.name / "summary.json").write_text(json.dumps(mine), encoding="utf-8")
     assert "is incomplete (missing segmentation.nii.gz)" in run_batch([case], options, tmp_path).rows[0]["error"]
 
 

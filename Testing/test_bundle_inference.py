@@ -63,7 +63,7 @@ def test_real_bundle_at_any_volume_size_matches_a_plain_forward(tmp_path, name):
                  "--out", str(out), "--progress", "none"]) == 0
     predicted = np.asanyarray(nibabel.load(str(out / "segmentation.nii.gz")).dataobj)
     assert predicted.shape == shape
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert summary["inference"]["inferer"] == "whole"
 
     dice = mean_dice(predicted, truth)
@@ -100,7 +100,7 @@ def test_sliding_window_inferer_settings_are_read_from_the_config(tmp_path):
     settings = card.inference
     assert (settings.inferer, settings.roi_size, settings.overlap, settings.sw_batch_size) == ("sliding_window", (64, 64, 32), 0.5, 3)
     assert (settings.blend_mode, settings.padding_mode) == ("gaussian", "replicate")
-    (copy / "configs" / "inference.yaml").write_text(config.replace("  mode: gaussian\n  padding_mode: replicate", ""))
+    (copy / "configs" / "inference.yaml").write_text(config.replace("  mode: gaussian\n  padding_mode: replicate", ""), encoding="utf-8")
     unset = read_bundle(copy)[0].inference
     assert (unset.blend_mode, unset.padding_mode) == ("constant", "replicate")  # MONAI's blend; edge values, not zeros
 
@@ -121,7 +121,7 @@ def test_an_roi_larger_than_the_volume_or_off_the_stride_multiple_is_fitted_with
         out = tmp_path / roi.replace(" ", "x")
         assert main(["run", "--volume", str(volume), "--model", str(bundle), "--method", "single", "--roi-size", *roi.split(),
                      "--out", str(out), "--progress", "none"]) == 0
-        summary = json.loads((out / "summary.json").read_text())
+        summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
         assert summary["inference"]["inferer"] == "sliding_window"
         assert summary["inference"]["roi_size"] == fitted
         rounded = [n for n in summary["notes"] if "rounded up" in n]
@@ -141,7 +141,7 @@ def test_a_whole_volume_that_does_not_fit_in_memory_runs_in_sliding_windows(tmp_
     out = tmp_path / "out"
     assert main(["run", "--volume", str(volume), "--model", str(bundle), "--method", "single", "--out", str(out),
                  "--progress", "none"]) == 0
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert any("does not fit in cpu memory" in note and "sliding windows of (64, 64, 64)" in note for note in summary["notes"])
     dice = mean_dice(np.asanyarray(nibabel.load(str(out / "segmentation.nii.gz")).dataobj), truth)
     assert dice >= 0.85

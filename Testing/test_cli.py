@@ -43,7 +43,7 @@ def test_outputs_lie_on_the_input_grid(tmp_path, model_factory, relative):
                               for n in ("background", "structure_1", "structure_2")])
     np.testing.assert_allclose(probabilities.sum(0), 1.0, atol=1e-4)
     np.testing.assert_array_equal(probabilities.argmax(0), labels)
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert summary["method"] == "mean"
     assert summary["coefficients"]["body"] == {"a": 0.5, "b": 0.5}
     assert summary["device"] == "cpu"
@@ -107,7 +107,7 @@ def test_bad_models_exit_2(tmp_path, capsys, model_factory, small_volume):
     marker = tmp_path / "payload-ran"
     evil = tmp_path / "evil.pt"
     torch.save({"model.0.conv.weight": FileCreatingPayload(marker)}, evil)
-    (tmp_path / "evil.json").write_text(a.read_text())
+    (tmp_path / "evil.json").write_text(a.read_text(encoding="utf-8"))
     assert "refused to load" in bad_run(tmp_path, capsys, "--volume", small_volume, "--model", evil)
     assert not marker.exists()
     assert "--single-model" in bad_run(tmp_path, capsys, "--volume", small_volume, "--model", a, "--model",
@@ -119,10 +119,10 @@ def test_bad_models_exit_2(tmp_path, capsys, model_factory, small_volume):
 def test_bad_output_folders_exit_2(tmp_path, capsys, model_factory, small_volume):
     a = model_factory("a")
     a_file = tmp_path / "occupied"
-    a_file.write_text("keep me")
+    a_file.write_text("keep me", encoding="utf-8")
     code = main(["run", "--volume", str(small_volume), "--model", str(a), "--out", str(a_file), "--progress", "none"])
     assert code == 2 and "is a file, not a folder" in capsys.readouterr().err
-    assert a_file.read_text() == "keep me"
+    assert a_file.read_text(encoding="utf-8") == "keep me"
     code = main(["run", "--volume", str(small_volume), "--model", str(a), "--out", str(a_file / "sub"), "--progress", "none"])
     assert code == 2 and "cannot write to output folder" in capsys.readouterr().err
     # the input volume sits where an output would go
@@ -139,10 +139,10 @@ def test_earlier_results_are_kept_unless_overwrite(tmp_path, capsys, model_facto
     a = model_factory("a")
     args = ["run", "--volume", str(small_volume), "--model", str(a), "--out", str(tmp_path / "out"), "--progress", "none"]
     assert main(args) == 0
-    first = (tmp_path / "out" / "summary.json").read_text()
+    first = (tmp_path / "out" / "summary.json").read_text(encoding="utf-8")
     assert main(args) == 2
     assert "already holds the results of a run" in capsys.readouterr().err
-    assert (tmp_path / "out" / "summary.json").read_text() == first
+    assert (tmp_path / "out" / "summary.json").read_text(encoding="utf-8") == first
     assert main(args + ["--overwrite"]) == 0
 
 

@@ -32,7 +32,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
         for row in METHOD_ROWS:
             assert row in section, f"{row} missing from the {target} table"
         assert "merge coefficients (adaptive)" in section and "body" in section and "head" in section
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     for target in bundled_targets():
         methods = {m["key"]: m for m in summary["targets"][target.name]["methods"]}
         assert {"mean", "adaptive", "adaptive-coupled", "ensemble", "select", "oracle"} <= set(methods)

@@ -36,7 +36,7 @@ def phantom() -> torch.Tensor:
 def manifest() -> dict:
     if not MANIFEST.exists():
         pytest.skip(f"anatomix manifest not available: {MANIFEST}")
-    return json.loads(MANIFEST.read_text())
+    return json.loads(MANIFEST.read_text(encoding="utf-8"))
 
 
 @pytest.mark.parametrize("remap", [lambda x: 3.0 * x + 7.0, lambda x: 1.0 - x, lambda x: 0.2 * x - 5.0],

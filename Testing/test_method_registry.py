@@ -17,7 +17,7 @@ from entropymerge.progress import Progress
 
 def run(out, *args) -> dict:
     assert main(["run", *map(str, args), "--out", str(out), "--progress", "none"]) == 0
-    return json.loads((out / "summary.json").read_text())
+    return json.loads((out / "summary.json").read_text(encoding="utf-8"))
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ def run(tmp_path, *args) -> dict:
     out = tmp_path / "out"
     code = main(["run", *map(str, args), "--out", str(out), "--progress", "none", "--feature-cache", str(tmp_path / "cache")])
     assert code == 0
-    return json.loads((out / "summary.json").read_text())
+    return json.loads((out / "summary.json").read_text(encoding="utf-8"))
 
 
 @pytest.mark.parametrize("method", ["adaptive", "mean", "ensemble", "single", "select", "oracle"])
@@ -63,7 +63,7 @@ def test_per_model_outputs_and_feature_cache(tmp_path, mind_models, sphere_case)
     code = main(["run", "--volume", str(image), "--model", str(mind_models), "--out", str(second_out), "--progress", "none",
                  "--feature-cache", str(tmp_path / "a" / "cache")])
     assert code == 0
-    second = json.loads((second_out / "summary.json").read_text())
+    second = json.loads((second_out / "summary.json").read_text(encoding="utf-8"))
     assert second["features"]["from_cache"] is True
     assert second["coefficients"] == first["coefficients"]
     read = lambda p: np.asanyarray(nibabel.load(str(p)).dataobj)

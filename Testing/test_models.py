@@ -39,7 +39,7 @@ def test_card_with_safetensors_loads_and_round_trips(model_factory):
     model = load_site_model(card_path)
     assert model.name == "alpha" and model.kind == "weights"
     assert model.card.labels[1].name == "structure 1" and model.card.num_classes == 3
-    again = ModelCard.from_json(json.loads(card_path.read_text()), card_path)
+    again = ModelCard.from_json(json.loads(card_path.read_text(encoding="utf-8")), card_path)
     assert again.to_json() == model.card.to_json()
     # the weights file given directly finds its card beside it
     direct = load_site_model(card_path.with_suffix(".safetensors"))
@@ -72,7 +72,7 @@ def test_file_that_is_not_a_state_dict(tmp_path):
     torch.save([torch.zeros(3), torch.ones(2)], tmp_path / "list.pt")
     with pytest.raises(UserInputError, match="does not contain a state dict .* got list"):
         load_state_dict_file(tmp_path / "list.pt")
-    (tmp_path / "text.pt").write_text("certainly not weights")
+    (tmp_path / "text.pt").write_text("certainly not weights", encoding="utf-8")
     with pytest.raises(UserInputError, match="not a PyTorch weights file"):
         load_state_dict_file(tmp_path / "text.pt")
     (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 64)
@@ -178,9 +178,9 @@ def bundle_copy_with_code(tmp_path, marker):
     root = tmp_path / "bundle"
     shutil.copytree(shared_file(BUNDLE), root)
     config_path = root / "configs" / "inference.yaml"
-    config = yaml.safe_load(config_path.read_text())
+    config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
     config["network_def"]["channels"] = f"$__import__('pathlib').Path('{marker}').touch() or [8, 16, 32, 64]"
-    config_path.write_text(yaml.safe_dump(config))
+    config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
     return root
 
 
@@ -200,7 +200,7 @@ def test_bundle_yaml_with_python_tags_is_refused(tmp_path):
     shutil.copytree(shared_file(BUNDLE), root)
     marker = tmp_path / "tag-ran"
     config = root / "configs" / "inference.yaml"
-    config.write_text(config.read_text() + f"\nboom: !!python/object/apply:os.system ['touch {marker}']\n")
+    config.write_text(config.read_text(encoding="utf-8") + f"\nboom: !!python/object/apply:os.system ['touch {marker}']\n")
     with pytest.raises(UserInputError, match="bundle config .* is not valid YAML"):
         load_site_model(root)
     assert not marker.exists()
@@ -209,9 +209,9 @@ def test_bundle_yaml_with_python_tags_is_refused(tmp_path):
 def test_json_bundle_config(tmp_path):
     root = tmp_path / "bundle"
     shutil.copytree(shared_file(BUNDLE), root)
-    config = yaml.safe_load((root / "configs" / "inference.yaml").read_text())
+    config = yaml.safe_load((root / "configs" / "inference.yaml").read_text(encoding="utf-8"))
     (root / "configs" / "inference.yaml").unlink()
-    (root / "configs" / "inference.json").write_text(json.dumps(config))
+    (root / "configs" / "inference.json").write_text(json.dumps(config), encoding="utf-8")
     assert load_site_model(root).card.num_classes == 4
 
 

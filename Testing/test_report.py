@@ -56,7 +56,7 @@ def unpacked(text: str, shape) -> np.ndarray:
 def test_run_report_shows_the_whole_run(full_run):
     report = Path(full_run["outputs"]["report"])
     assert report == Path(full_run["outputs"]["summary"]).with_name("report.html")
-    html = report.read_text()
+    html = report.read_text(encoding="utf-8")
     size = len(html.encode())
     print(f"report of a {read_volume(full_run['volume']['path']).geometry.shape} case with 2 site models: {size / 1e3:.0f} kB")
     assert size < 500_000
@@ -100,7 +100,7 @@ def test_report_in_a_real_browser(full_run, tmp_path):
     if reason:
         pytest.skip(reason)
     report = Path(full_run["outputs"]["report"])
-    data = embedded_data(report.read_text())
+    data = embedded_data(report.read_text(encoding="utf-8"))
     geometry = read_volume(full_run["volume"]["path"]).geometry
     entropy = canonical(read_volume(full_run["outputs"]["entropy"]).array, geometry)
     colours = np.array(data["entropy_colors"])
@@ -145,7 +145,7 @@ def test_report_command(tiny_case, tmp_path, capsys):
     assert main(["run", "--volume", str(scan), "--model", str(models[0]), "--model", str(models[1]), "--method", "mean",
                  "--out", str(out), "--device", "cpu", "--progress", "none"]) == 0
     assert main(["report", str(out)]) == 0
-    html = (out / "report.html").read_text()
+    html = (out / "report.html").read_text(encoding="utf-8")
     assert "were not computed for this run" in html and "<code>--per-model</code>" in html
     assert "No reference segmentation was given" in html and "Not computed for this run" in html
     assert len(embedded_data(html)["layers"]) == 1
@@ -188,7 +188,7 @@ def test_single_model_run_without_a_site_and_a_class_missing_from_the_reference(
     reference_path = write_volume(without_lesion, reference.geometry, tmp_path / "reference.nii.gz")
     summary = run(RunOptions(volume=image, models=models, out=tmp_path / "single", method="single", single_model="south",
                              reference=reference_path, report=True, device="cpu"))
-    html = Path(summary["outputs"]["report"]).read_text()
+    html = Path(summary["outputs"]["report"]).read_text(encoding="utf-8")
     coefficients = html.split('id="coefficients"')[1].split("</section>")[0]
     assert "Site model used" in coefficients and "runs one site model as it is (single: south)" in coefficients
     assert "head was merged" not in html and "<svg" not in coefficients
@@ -203,7 +203,7 @@ def test_single_model_run_without_a_site_and_a_class_missing_from_the_reference(
     assert ">None<" not in html and f"<td>{long_name}</td><td>–</td>" in details
 
     mean = run(RunOptions(volume=image, models=models, out=tmp_path / "mean", method="mean", report=True, device="cpu"))
-    chart = Path(mean["outputs"]["report"]).read_text().split('id="coefficients"')[1].split("</svg>")[0]
+    chart = Path(mean["outputs"]["report"]).read_text(encoding="utf-8").split('id="coefficients"')[1].split("</svg>")[0]
     label_x = float(re.search(rf'<text x="([0-9.]+)" y="[0-9.]+" text-anchor="end">{long_name}</text>', chart).group(1))
     assert label_x >= 8 * len(long_name), "the name column is wide enough for the longest name"
 

@@ -10,7 +10,7 @@ MODULE = REPOSITORY / "SlicerEntropyMerge"
 
 
 def readme_commands() -> list[str]:
-    text = (REPOSITORY / "README.md").read_text()
+    text = (REPOSITORY / "README.md").read_text(encoding="utf-8")
     return re.findall(r"```bash\n(.+?)\n```", text.split("## Command line")[0])
 
 
@@ -21,16 +21,16 @@ def test_readme_starts_with_demo_and_test_commands():
 
 
 def test_ci_runs_the_readme_test_command():
-    ci = (REPOSITORY / ".ci" / "run").read_text()
+    ci = (REPOSITORY / ".ci" / "run").read_text(encoding="utf-8")
     assert readme_commands()[1] in ci.splitlines()
 
 
 def test_constraints_pin_the_cpu_torch():
-    assert "torch==2.13.0" in (REPOSITORY / "constraints.txt").read_text().splitlines()
+    assert "torch==2.13.0" in (REPOSITORY / "constraints.txt").read_text(encoding="utf-8").splitlines()
 
 
 def listed_in_cmake() -> set[str]:
-    text = (MODULE / "CMakeLists.txt").read_text().replace("${MODULE_NAME}", "SlicerEntropyMerge")
+    text = (MODULE / "CMakeLists.txt").read_text(encoding="utf-8").replace("${MODULE_NAME}", "SlicerEntropyMerge")
     blocks = re.findall(r"set\(MODULE_PYTHON_(?:SCRIPTS|RESOURCES)\n(.*?)\n\s*\)", text, re.S)
     return {line.strip() for block in blocks for line in block.splitlines() if line.strip()}
 

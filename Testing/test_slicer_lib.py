@@ -208,7 +208,7 @@ def table_column(table_node, name):
 
 
 def test_ranking_table_holds_the_engine_rows_and_a_bar_chart_shows_them(run):
-    ranking = json.loads((run["out"] / "ranking.json").read_text())
+    ranking = json.loads((run["out"] / "ranking.json").read_text(encoding="utf-8"))
     table = run["results"].ranking
     assert table_column(table, "model") == [row["model"] for row in ranking["rows"]]
     np.testing.assert_allclose(table_column(table, "fused"), [row["fused"] for row in ranking["rows"]], atol=1e-9)

@@ -14,7 +14,7 @@ import tomllib
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 MODULE = REPOSITORY / "SlicerEntropyMerge"
-SOURCE = (MODULE / "SlicerEntropyMerge.py").read_text()
+SOURCE = (MODULE / "SlicerEntropyMerge.py").read_text(encoding="utf-8")
 UI = ElementTree.parse(MODULE / "Resources" / "UI" / "SlicerEntropyMerge.ui")
 
 # The widget classes Slicer's parameterNodeWrapper connects to each kind of parameter (guiConnectors.py).
@@ -88,8 +88,8 @@ def test_ui_sections_are_collapsible():
 
 
 def test_requirements_match_the_engine_dependencies():
-    pyproject = tomllib.loads((REPOSITORY / "pyproject.toml").read_text())
-    requirements = [line.strip() for line in (MODULE / "Resources" / "requirements.txt").read_text().splitlines()
+    pyproject = tomllib.loads((REPOSITORY / "pyproject.toml").read_text(encoding="utf-8"))
+    requirements = [line.strip() for line in (MODULE / "Resources" / "requirements.txt").read_text(encoding="utf-8").splitlines()
                     if line.strip() and not line.startswith("#")]
     assert requirements == pyproject["project"]["dependencies"]
 

@@ -73,7 +73,7 @@ def test_poll_never_waits_for_a_silent_child():
 def alive(pid: int) -> bool:
     """True while ``pid`` runs (a zombie, killed but not yet reaped by its new parent, counts as gone)."""
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        state = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8").rsplit(")", 1)[1].split()[0]
     except FileNotFoundError:
         return False
     return state not in ("Z", "X")

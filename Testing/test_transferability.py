@@ -192,7 +192,7 @@ def run_rank(tmp_path, *args) -> tuple[int, dict | None]:
     code = main(["rank", *map(str, args), "--out", str(out), "--progress", "none"])
     if code != 0:
         return code, None
-    return code, json.loads((out / "ranking.json").read_text())
+    return code, json.loads((out / "ranking.json").read_text(encoding="utf-8"))
 
 
 def test_rank_with_a_reference_gives_the_table_and_kendall_tau(tmp_path, mind_models, sphere_case, capsys):
@@ -263,7 +263,7 @@ def test_run_rank_reuses_the_probe_passes(tmp_path, mind_models, sphere_case, mo
     code = main(["run", "--volume", str(image), "--model", str(mind_models), "--rank", "--out", str(tmp_path / "out"), "--progress", "none"])
     assert code == 0
     assert calls == {"pipeline": 3, "ranking": 0}, "one tapped probe pass per site model, none repeated by the ranking"
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text(encoding="utf-8"))
     assert summary["ranking"]["label_source"] == "pseudo-label"
     assert [r["alpha"] for r in sorted(summary["ranking"]["rows"], key=lambda r: r["model"])] == pytest.approx(
         list(summary["coefficients"]["body"].values()), abs=1e-5)

@@ -122,7 +122,7 @@ def test_corrupt_and_wrong_type_files(tmp_path):
     with pytest.raises(UserInputError, match="not a NIfTI file|not a valid NIfTI"):
         read_volume(garbage)
     text = tmp_path / "notes.txt"
-    text.write_text("hello")
+    text.write_text("hello", encoding="utf-8")
     with pytest.raises(UserInputError, match="unsupported file type"):
         read_volume(text)
 

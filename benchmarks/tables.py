@@ -9,4 +9,4 @@ def publish(lines: list[str], markdown: Path | None) -> None:
     text = "\n".join(lines)
     print(text)
     if markdown:
-        markdown.write_text(text + "\n")
+        markdown.write_text(text + "\n", encoding="utf-8")
