@@ -94,18 +94,23 @@ def test_requirements_match_the_engine_dependencies():
     assert requirements == pyproject["project"]["dependencies"]
 
 
+def run_without(blocked: tuple[str, ...], code: str) -> list[str]:
+    """Run ``code`` in a fresh Python whose ``blocked`` modules cannot be imported; returns its printed words."""
+    setup = f"import sys; sys.modules.update(dict.fromkeys({blocked!r}));"
+    result = subprocess.run([sys.executable, "-c", setup + code], capture_output=True, text=True, cwd=MODULE, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()
+
+
 def test_module_load_needs_none_of_the_packages_it_installs_later():
     # What Slicer imports at start-up (the Lib; the engine's sample list for Sample Data) must not need
     # torch, MONAI, nibabel or the other packages that the module installs on first use.
     blocked = ("torch", "monai", "nibabel", "safetensors", "yaml", "matplotlib", "tqdm")
-    code = (f"import sys; sys.modules.update(dict.fromkeys({blocked!r}));"
-            "import SlicerEntropyMergeLib.job, SlicerEntropyMergeLib.cases, SlicerEntropyMergeLib.engine;"
-            "from entropymerge.sampledata import bundled_targets, bundled_models;"
-            "from entropymerge.methods import METHODS;"
-            "print(len(bundled_targets()), bundled_models().name, len(METHODS))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=MODULE, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["2", "dropgen", "6"]
+    printed = run_without(blocked, "import SlicerEntropyMergeLib.job, SlicerEntropyMergeLib.cases, SlicerEntropyMergeLib.engine;"
+                                   "from entropymerge.sampledata import bundled_targets, bundled_models;"
+                                   "from entropymerge.methods import METHODS;"
+                                   "print(len(bundled_targets()), bundled_models().name, len(METHODS))")
+    assert printed == ["2", "dropgen", "6"]
 
 
 def test_sample_registration_at_slicer_start_imports_only_the_standard_library():
@@ -116,12 +121,9 @@ def test_sample_registration_at_slicer_start_imports_only_the_standard_library()
     imported = {node.module for node in ast.walk(register) if isinstance(node, ast.ImportFrom)}
     assert imported == {"entropymerge.samplefiles"}
     blocked = ("numpy", "scipy", "SimpleITK", "torch", "monai", "nibabel", "safetensors", "yaml", "matplotlib", "tqdm")
-    code = (f"import sys; sys.modules.update(dict.fromkeys({blocked!r}));"
-            "from entropymerge.samplefiles import bundled_targets, bundled_models;"
-            "print(*[t.name for t in bundled_targets()], bundled_models().name)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=MODULE, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["lowfield-t1", "t2-fatsat", "dropgen"]
+    printed = run_without(blocked, "from entropymerge.samplefiles import bundled_targets, bundled_models;"
+                                   "print(*[t.name for t in bundled_targets()], bundled_models().name)")
+    assert printed == ["lowfield-t1", "t2-fatsat", "dropgen"]
 
 
 def test_the_help_links_to_the_extension_documentation_and_the_self_test_is_registered():

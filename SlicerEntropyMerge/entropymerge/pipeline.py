@@ -498,7 +498,8 @@ def label_source(case: Case, options: RunOptions, pseudo_labels: np.ndarray | No
 def rank_case(case: Case, options: RunOptions, probe_run: ProbeRun, plan: MergePlan, pseudo_labels, per_model: dict):
     """Rank the site models on this case, reusing the run's probe passes and per-model results."""
     source = label_source(case, options, pseudo_labels)
-    stats = plan_statistics(case.models, probe_run.probe, probe_run.outputs)
+    # the adaptive and select plans computed these on the same probe passes already
+    stats = plan.details.get("statistics") or plan_statistics(case.models, probe_run.probe, probe_run.outputs)
     true_dice = None
     if case.reference is not None:
         true_dice = []
