@@ -2,21 +2,19 @@
 segmentation, where the merged model is unsure, and which site model fits the case.
 
 The module is thin: the engine (``entropymerge``) runs in a background process started and read by
-``SlicerEntropyMergeLib``, which also moves volumes and results between the scene and files.
+``SlicerEntropyMergeLib``, which also moves volumes and results between the scene and files. The panel's
+parts (parameter node, site models section, views, sample data, self-test) are in ``SlicerEntropyMergeGui``;
+the classes Slicer looks up by name (module, widget, logic, test) are here.
 """
 
-import enum
-import os
 from pathlib import Path
-from typing import Annotated, Optional, Union
+from typing import Optional
 
 import qt
 import slicer
 import vtk
-from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -25,16 +23,20 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from entropymerge.methods import METHODS
+from SlicerEntropyMergeGui import views
+from SlicerEntropyMergeGui.logic import REQUIREMENTS, slicer_package_tools
+from SlicerEntropyMergeGui.parameters import ReferenceKind, SlicerEntropyMergeParameterNode, run_request
+from SlicerEntropyMergeGui.samples import load_sample_data, register_sample_data
+from SlicerEntropyMergeGui.selftest import sample_apply_on_cpu
+from SlicerEntropyMergeGui.sitemodels import SiteModelsSection
 from SlicerEntropyMergeLib import cases
 from SlicerEntropyMergeLib.binding import GuiBinding
-from SlicerEntropyMergeLib.dependencies import ensure_dependencies, missing_requirements, package_tools, read_requirements
-from SlicerEntropyMergeLib.engine import RunRequest, parse_roi_size
+from SlicerEntropyMergeLib.dependencies import ensure_dependencies, missing_requirements, read_requirements
+from SlicerEntropyMergeLib.engine import RunRequest
 from SlicerEntropyMergeLib.job import RunJob, abandon_run, discard_model, finish_run, save_merged_model, start_run
 from SlicerEntropyMergeLib.modelcheck import ModelCheck, apply_blocker
 from SlicerEntropyMergeLib.scene import case_volume
 
-REQUIREMENTS = os.path.join(os.path.dirname(__file__), "Resources", "requirements.txt")
 POLL_INTERVAL_MS = 200
 DOCUMENTATION_URL = "https://github.com/SlicerEntropyMerge/SlicerEntropyMerge#use-in-3d-slicer"
 
@@ -58,98 +60,10 @@ class SlicerEntropyMerge(ScriptedLoadableModule):
             "Built on MONAI, PyTorch and 3D Slicer. The sample data and sample site models are synthetic, made by "
             "the extension's own engine."
         )
-        slicer.app.connect("startupCompleted()", registerSampleData)
+        slicer.app.connect("startupCompleted()", register_sample_data)
 
 
-def registerSampleData():
-    """Register the bundled target scans with the Sample Data module; they load from the extension itself.
-
-    Runs at every Slicer start, so it imports only the standard-library list of sample files.
-    """
-    import SampleData
-
-    from entropymerge.samplefiles import bundled_targets
-
-    icon = os.path.join(os.path.dirname(__file__), "Resources", "Icons", "SlicerEntropyMerge.png")
-    for target in bundled_targets():
-        SampleData.SampleDataLogic.registerCustomSampleDataSource(
-            category=_("Entropy Merge"),
-            sampleName=target.name,
-            uris=target.image.as_uri(),
-            fileNames=target.image.name,
-            nodeNames=target.name,
-            thumbnailFileName=icon,
-            customDownloader=lambda source, path=target.image: slicer.util.loadVolume(str(path), {"name": source.nodeNames[0]}),
-        )
-
-
-class MethodLabel:
-    def label(self):
-        return _(METHODS[self.value].label)
-
-
-# The engine's merge-method registry (importable without torch) is the one list; the panel offers the methods
-# that need no reference segmentation.
-Method = enum.Enum("Method", [(m.name, m.name) for m in METHODS.values() if not m.needs_reference], type=MethodLabel)
-
-
-class Device(enum.Enum):
-    auto = "auto"
-    gpu = "cuda"
-    cpu = "cpu"
-
-    def label(self):
-        return {Device.auto: _("auto (GPU when present)"), Device.gpu: _("GPU"), Device.cpu: _("CPU")}[self]
-
-
-class Adaptation(enum.Enum):
-    none = "none"
-    tent = "tent"
-    dsbr = "dsbr"
-
-    def label(self):
-        return {Adaptation.none: _("none"), Adaptation.tent: _("TENT"), Adaptation.dsbr: _("DSBR (collapse-safe)")}[self]
-
-
-class ReferenceKind(enum.Enum):
-    reference = "reference"
-    scribbles = "scribbles"
-
-    def label(self):
-        return {ReferenceKind.reference: _("reference segmentation"), ReferenceKind.scribbles: _("scribbles")}[self]
-
-
-@parameterNodeWrapper
-class SlicerEntropyMergeParameterNode:
-    """The panel's choices, saved with the scene.
-
-    ``overlap`` at its minimum, ``adaptSteps`` and ``adaptLearningRate`` at 0 and an empty ``roiSize``
-    leave the choice to the model card or the engine.
-    """
-
-    inputVolume: vtkMRMLScalarVolumeNode
-    modelPaths: list[str]
-    method: Method = Method.adaptive
-    singleModel: str = ""
-    temperature: Annotated[float, WithinRange(0.001, 10.0)] = 0.05
-    decoupleHead: bool = True
-    device: Device = Device.auto
-    roiSize: str = ""
-    overlap: Annotated[float, WithinRange(-0.05, 0.95)] = -0.05
-    probePatches: Annotated[int, WithinRange(1, 64)] = 8
-    adaptation: Adaptation = Adaptation.none
-    adaptSteps: Annotated[int, WithinRange(0, 1000)] = 0
-    adaptLearningRate: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
-    outputSegmentation: vtkMRMLSegmentationNode
-    entropyMap: bool = True
-    perModel: bool = False
-    rank: bool = False
-    referenceLabels: Optional[Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]]
-    referenceKind: ReferenceKind = ReferenceKind.reference
-    caseFolder: str = ""
-
-
-class SlicerEntropyMergeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class SlicerEntropyMergeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, SiteModelsSection):
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
@@ -251,59 +165,6 @@ class SlicerEntropyMergeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self.checkModels()
         self._checkCanApply()
 
-    # Site models
-
-    def checkModels(self) -> None:
-        """Describe the listed models in the background (name, site, labels, compatibility) when the list changed."""
-        if self.modelCheck.update(self._parameterNode.modelPaths, self.logic.dependenciesInstalled):
-            if self.modelCheck.running:
-                self.timer.start()
-            self.updateModelsTable()
-
-    def onModelsChecked(self, outcome) -> None:
-        if outcome.error is not None:
-            self.appendLog(_("Could not check the site models: {message}").format(message=outcome.error))
-        else:
-            self.ui.deviceLabel.text = _("detected: {device}").format(device=outcome.report.auto_device)
-            if self.modelCheck.checked_paths != list(self._parameterNode.modelPaths):
-                self._parameterNode.modelPaths = self.modelCheck.checked_paths
-        self.updateModelsTable()
-        self._checkCanApply()
-        if outcome.apply and self.ui.applyButton.enabled:
-            self.onApplyButton()
-
-    def updateModelsTable(self) -> None:
-        table = self.ui.modelsTable
-        report = self.modelCheck.report
-        entries = report.models if report else [{"name": Path(p).name, "source": p} for p in self._parameterNode.modelPaths]
-        table.setRowCount(len(entries))
-        for row, entry in enumerate(entries):
-            if report is None:
-                status = _("checking...") if self.modelCheck.running else _("not checked yet (Apply checks it)")
-            else:
-                status = _("compatible") if entry["compatible"] else entry["problem"]
-            labels = ", ".join(label["name"] for label in entry.get("labels", [])[1:])
-            for column, text in enumerate((entry["name"], entry.get("site") or "", labels, status)):
-                item = qt.QTableWidgetItem(text)
-                item.setToolTip(entry["source"] if column == 0 else text)
-                if report is not None and not entry["compatible"]:
-                    item.setForeground(qt.QBrush(qt.QColor("red")))
-                table.setItem(row, column, item)
-        table.resizeColumnsToContents()
-        combo = self.ui.singleModelComboBox
-        wasBlocked = combo.blockSignals(True)
-        combo.clear()
-        for entry in entries:
-            if report is not None and entry["compatible"]:
-                combo.addItem(entry["name"])
-        combo.setCurrentText(self._parameterNode.singleModel)
-        combo.blockSignals(wasBlocked)
-        if combo.count and combo.currentText != self._parameterNode.singleModel:
-            self._parameterNode.singleModel = combo.currentText
-
-    def onSingleModelChanged(self, name) -> None:
-        self._parameterNode.singleModel = name
-
     def ensureDependencies(self) -> bool:
         """Install what the engine needs (asks first); False, after telling the user why, when it is not there now."""
         try:
@@ -312,36 +173,6 @@ class SlicerEntropyMergeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         except Exception:  # shown to the user already; the panel goes on, and Apply asks again
             return False
         return True
-
-    def addModelPaths(self, paths) -> None:
-        self.ensureDependencies()  # the chosen paths are kept either way
-        self._parameterNode.modelPaths = list(self._parameterNode.modelPaths) + [p for p in paths if p not in self._parameterNode.modelPaths]
-
-    def onAddModelFiles(self) -> None:
-        paths = qt.QFileDialog.getOpenFileNames(
-            self.parent, _("Add site models"), "",
-            _("Site models (*.json *.safetensors *.pt *.pth *.ts);;All files (*)"))
-        if paths:
-            self.addModelPaths(list(paths))
-
-    def onAddModelFolder(self) -> None:
-        folder = qt.QFileDialog.getExistingDirectory(self.parent, _("Add a folder of site models or a MONAI bundle"))
-        if folder:
-            self.addModelPaths([folder])
-
-    def onRemoveModels(self) -> None:
-        rows = {index.row() for index in self.ui.modelsTable.selectionModel().selectedRows()}
-        paths = list(self._parameterNode.modelPaths)
-        self._parameterNode.modelPaths = [path for row, path in enumerate(paths) if row not in rows]
-
-    def onLoadSampleData(self) -> None:
-        self.ensureDependencies()  # the sample files load without the packages; checking the models needs them
-        with slicer.util.tryWithErrorDisplay(_("Failed to load the sample data."), waitCursor=True):
-            volume, reference, models = self.logic.loadSampleData()
-            self._parameterNode.inputVolume = volume
-            self._parameterNode.referenceLabels = reference
-            self._parameterNode.referenceKind = ReferenceKind.reference
-            self._parameterNode.modelPaths = models
 
     # Apply, progress, cancel
 
@@ -377,30 +208,11 @@ class SlicerEntropyMergeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
                 return
             self.startRun()
 
-    def runRequest(self) -> RunRequest:
-        parameters = self._parameterNode
-        return RunRequest(
-            models=list(parameters.modelPaths),
-            method=parameters.method.value,
-            single_model=parameters.singleModel or None,
-            temperature=parameters.temperature,
-            decouple_head=parameters.decoupleHead,
-            device=parameters.device.value,
-            roi_size=parse_roi_size(parameters.roiSize),
-            overlap=parameters.overlap if parameters.overlap >= 0 else None,
-            probe_patches=parameters.probePatches,
-            adapt=parameters.adaptation.value,
-            adapt_steps=parameters.adaptSteps or None,
-            adapt_lr=parameters.adaptLearningRate or None,
-            per_model=parameters.perModel,
-            rank=parameters.rank,
-        )
-
     def startRun(self) -> None:
         parameters = self._parameterNode
         case = self.caseFiles[self.caseIndex] if self.caseVolume is not None and parameters.inputVolume == self.caseVolume else None
         labelValues = {label["name"]: label["value"] for label in self.modelCheck.report.labels}
-        self.job = self.logic.startRun(parameters.inputVolume, self.runRequest(), parameters.referenceLabels, labelValues,
+        self.job = self.logic.startRun(parameters.inputVolume, run_request(parameters), parameters.referenceLabels, labelValues,
                                        parameters.referenceKind == ReferenceKind.scribbles, case)
         self.ui.logTextEdit.clear()
         self.lastProgressMessage = ""
@@ -478,20 +290,10 @@ class SlicerEntropyMergeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
     # Results
 
     def showResults(self, volume, results) -> None:
-        if results.entropy is not None:
-            slicer.util.setSliceViewerLayers(background=volume, foreground=results.entropy, foregroundOpacity=0.4)
-        else:
-            slicer.util.setSliceViewerLayers(background=volume, foreground=None)
-        for view, label, table in ((self.ui.coefficientsTableView, self.ui.coefficientsLabel, results.coefficients),
-                                   (self.ui.rankingTableView, self.ui.rankingLabel, results.ranking),
-                                   (self.ui.diceTableView, self.ui.diceLabel, results.dice)):
-            view.setMRMLTableNode(table)
-            view.visible = label.visible = table is not None
+        views.show_results(self.ui, volume, results)
         self.rankingChart = results.ranking_chart
-        self.ui.showChartButton.enabled = self.rankingChart is not None
         if self.rankingChart is not None:
             self.onShowChart()
-        self.ui.resultsCollapsibleButton.collapsed = False
 
     def onSaveModel(self) -> None:
         folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("Folder for the merged model"))
@@ -513,15 +315,9 @@ class SlicerEntropyMergeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self.updateCaseButtons()
 
     def updateCaseButtons(self) -> None:
+        folderChosen = bool(self._parameterNode and self._parameterNode.caseFolder)
+        self.ui.caseLabel.text = views.case_label(self.caseFiles, self.caseIndex, folderChosen)
         count = len(self.caseFiles)
-        if not count:
-            folder_chosen = self._parameterNode and self._parameterNode.caseFolder
-            self.ui.caseLabel.text = _("no cases in the chosen folder") if folder_chosen else _("no case folder chosen")
-        elif self.caseIndex < 0:
-            self.ui.caseLabel.text = _("{count} cases; Next loads the first").format(count=count)
-        else:
-            name = self.caseFiles[self.caseIndex].name
-            self.ui.caseLabel.text = _("case {index} of {count}: {name}").format(index=self.caseIndex + 1, count=count, name=name)
         idle = self.job is None
         self.ui.previousCaseButton.enabled = idle and self.caseIndex > 0
         self.ui.nextCaseButton.enabled = idle and self.caseIndex + 1 < count
@@ -545,22 +341,9 @@ class SlicerEntropyMergeLogic(ScriptedLoadableModuleLogic):
     def getParameterNode(self):
         return SlicerEntropyMergeParameterNode(super().getParameterNode())
 
-    @staticmethod
-    def packageTools():
-        """Slicer's package helpers: ``slicer.packaging`` where it exists (5.12+), else the 5.8-5.10 ones."""
-        try:
-            from slicer import packaging
-        except ImportError:
-            packaging = None
-        try:
-            import PyTorchUtils
-        except ImportError:
-            PyTorchUtils = None
-        return package_tools(packaging, slicer.util, PyTorchUtils)
-
     def dependenciesInstalled(self) -> bool:
         """Whether PyTorch and the engine's packages are all there (asks nothing)."""
-        return not missing_requirements(read_requirements(REQUIREMENTS), self.packageTools())
+        return not missing_requirements(read_requirements(REQUIREMENTS), slicer_package_tools())
 
     def ensureDependencies(self) -> None:
         """Install what is missing after one question: PyTorch through the PyTorch extension, the rest with pip.
@@ -568,16 +351,11 @@ class SlicerEntropyMergeLogic(ScriptedLoadableModuleLogic):
         Nothing is asked when everything is installed. Raises ``DependencyError`` with the reason when
         the user declines or the PyTorch extension is missing.
         """
-        ensure_dependencies(read_requirements(REQUIREMENTS), self.packageTools(), _("Entropy Merge"))
+        ensure_dependencies(read_requirements(REQUIREMENTS), slicer_package_tools(), _("Entropy Merge"))
 
     def loadSampleData(self):
         """Load a bundled target scan and its reference labels; returns them and the bundled site models' folder."""
-        from entropymerge.samplefiles import bundled_models, bundled_targets
-
-        target = bundled_targets()[0]
-        volume = slicer.util.loadVolume(str(target.image), {"name": target.name})
-        reference = slicer.util.loadLabelVolume(str(target.labels), {"name": _("{name} reference").format(name=target.name), "show": False})
-        return volume, reference, [str(bundled_models())]
+        return load_sample_data()
 
     def startRun(self, volume, request: RunRequest, labels=None, labelValues=None, scribbles=False, case=None) -> RunJob:
         return start_run(slicer.mrmlScene, volume, request, labels, labelValues, scribbles, case, slicer.app.temporaryPath)
@@ -597,35 +375,4 @@ class SlicerEntropyMergeTest(ScriptedLoadableModuleTest):
         self.test_sample_apply_on_cpu()
 
     def test_sample_apply_on_cpu(self):
-        import json
-
-        import numpy as np
-
-        self.delayDisplay(_("Loading the sample data"))
-        logic = SlicerEntropyMergeLogic()
-        logic.ensureDependencies()
-        volume, reference, models = logic.loadSampleData()
-        job = logic.startRun(volume, RunRequest(models=models, device="cpu"), reference)
-        self.assertIsNotNone(job.process)
-        job.process.wait(1800)
-        self.assertTrue(job.succeeded, job.process.error)
-        results = logic.finishRun(job)
-
-        card = json.loads(next(Path(models[0]).glob("*.json")).read_text(encoding="utf-8"))
-        contents = results.segmentation.GetSegmentation()
-        names = [contents.GetNthSegment(i).GetName() for i in range(contents.GetNumberOfSegments())]
-        self.assertEqual(names, [label["name"] for label in card["labels"][1:]])
-        volumeShape = slicer.util.arrayFromVolume(volume).shape
-        organ = slicer.util.arrayFromSegmentBinaryLabelmap(results.segmentation, names[0], volume)
-        self.assertEqual(organ.shape, volumeShape)
-        self.assertGreater(int(organ.sum()), 0)
-
-        def ijkToRas(node):
-            matrix = vtk.vtkMatrix4x4()
-            node.GetIJKToRASMatrix(matrix)
-            return slicer.util.arrayFromVTKMatrix(matrix)
-
-        np.testing.assert_allclose(ijkToRas(results.entropy), ijkToRas(volume), atol=1e-4)
-        self.assertEqual(slicer.util.arrayFromVolume(results.entropy).shape, volumeShape)
-        self.assertIsNotNone(results.dice)
-        self.delayDisplay(_("Test passed"))
+        sample_apply_on_cpu(self, SlicerEntropyMergeLogic())

@@ -1,20 +1,26 @@
 """The Slicer module's files outside Slicer: every widget the code uses exists in the .ui file, the
-parameter-node bindings fit Slicer's widget connectors, and nothing heavy is needed to load the module."""
+parameter-node bindings fit Slicer's widget connectors, the panel's defaults and method list are the
+engine's, and nothing heavy is needed to load the module."""
 
 from __future__ import annotations
 
 import ast
+import importlib
 import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
+import pytest
 import tomllib
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 MODULE = REPOSITORY / "SlicerEntropyMerge"
 SOURCE = (MODULE / "SlicerEntropyMerge.py").read_text(encoding="utf-8")
+GUI = MODULE / "SlicerEntropyMergeGui"  # the panel's parts that the module file uses
+PANEL_SOURCES = [SOURCE, *(path.read_text(encoding="utf-8") for path in sorted(GUI.glob("*.py")))]
+PARAMETERS = (GUI / "parameters.py").read_text(encoding="utf-8")
 UI = ElementTree.parse(MODULE / "Resources" / "UI" / "SlicerEntropyMerge.ui")
 
 # The widget classes Slicer's parameterNodeWrapper connects to each kind of parameter (guiConnectors.py).
@@ -34,7 +40,7 @@ def ui_widgets() -> dict[str, str]:
 
 def parameter_fields() -> dict[str, str]:
     """Each field of the parameter node class and its kind (bool, int, float, str, enum, node, list)."""
-    tree = ast.parse(SOURCE)
+    tree = ast.parse(PARAMETERS)
     enums = {node.name for node in tree.body if isinstance(node, ast.ClassDef)
              and any(getattr(base, "attr", getattr(base, "id", "")) == "Enum" for base in node.bases)}
     enums |= {node.targets[0].id for node in tree.body if isinstance(node, ast.Assign)  # Name = enum.Enum(...)
@@ -58,10 +64,10 @@ def parameter_fields() -> dict[str, str]:
 
 
 def test_every_widget_the_module_uses_exists_in_the_ui_file():
-    used = set(re.findall(r"self\.ui\.(\w+)", SOURCE))
-    assert used, "the module reads no widgets?"
+    used = {name for source in PANEL_SOURCES for name in re.findall(r"\bui\.(\w+)", source)}
+    assert {"applyButton", "modelsTable", "coefficientsTableView", "caseLabel"} <= used, "the module reads no widgets?"
     missing = sorted(used - set(ui_widgets()))
-    assert not missing, f"widgets used in SlicerEntropyMerge.py but absent from the .ui file: {missing}"
+    assert not missing, f"widgets used in the module (or SlicerEntropyMergeGui) but absent from the .ui file: {missing}"
 
 
 def test_parameter_bindings_name_fields_and_fit_the_widget_connectors():
@@ -94,10 +100,28 @@ def test_requirements_match_the_engine_dependencies():
     assert requirements == pyproject["project"]["dependencies"]
 
 
-def run_without(blocked: tuple[str, ...], code: str) -> list[str]:
-    """Run ``code`` in a fresh Python whose ``blocked`` modules cannot be imported; returns its printed words."""
+# Stand-ins for what only the Slicer application has (the slicer-core wheel has the MRML nodes and slicer.util):
+# Qt, the translator, and the parameter-node decorator, which here leaves the class as it is (its defaults are
+# plain class attributes). Run with ``modules`` bound to the module table to fill.
+SLICER_APP_STANDINS = """
+import types
+qt = types.ModuleType("qt")
+i18n = types.ModuleType("slicer.i18n")
+i18n.tr = lambda text: text
+wrapper = types.ModuleType("slicer.parameterNodeWrapper")
+wrapper.parameterNodeWrapper = lambda cls: cls
+wrapper.WithinRange = lambda low, high: None
+modules.update({"qt": qt, "slicer.i18n": i18n, "slicer.parameterNodeWrapper": wrapper})
+"""
+
+
+def run_without(blocked: tuple[str, ...], code: str, slicer_app_standins: bool = False) -> list[str]:
+    """Run ``code`` in a fresh Python whose ``blocked`` modules cannot be imported (and, with
+    ``slicer_app_standins``, with ``SLICER_APP_STANDINS``); returns its printed words."""
     setup = f"import sys; sys.modules.update(dict.fromkeys({blocked!r}));"
-    result = subprocess.run([sys.executable, "-c", setup + code], capture_output=True, text=True, cwd=MODULE, timeout=300)
+    if slicer_app_standins:
+        setup += "modules = sys.modules\n" + SLICER_APP_STANDINS
+    result = subprocess.run([sys.executable, "-c", setup + "\n" + code], capture_output=True, text=True, cwd=MODULE, timeout=300)
     assert result.returncode == 0, result.stderr
     return result.stdout.split()
 
@@ -113,11 +137,23 @@ def test_module_load_needs_none_of_the_packages_it_installs_later():
     assert printed == ["2", "dropgen", "6"]
 
 
+def test_the_panel_parts_load_without_the_packages_installed_later():
+    # The module file imports every part of SlicerEntropyMergeGui when Slicer loads it.
+    pytest.importorskip("slicer", reason="the slicer-core wheel (test extra) provides the MRML node classes")
+    blocked = ("torch", "monai", "nibabel", "safetensors", "yaml", "matplotlib", "tqdm")
+    parts = sorted(path.stem for path in GUI.glob("*.py") if path.stem != "__init__")
+    assert parts == ["logic", "parameters", "samples", "selftest", "sitemodels", "views"]
+    printed = run_without(blocked, f"import importlib\nfor part in {parts!r}: importlib.import_module('SlicerEntropyMergeGui.' + part)\n"
+                                   "print('loaded')", slicer_app_standins=True)
+    assert printed == ["loaded"]
+
+
 def test_sample_registration_at_slicer_start_imports_only_the_standard_library():
     # Finding 12: registerSampleData runs at every Slicer start; it lists two files and must not import numpy,
     # scipy or SimpleITK (nor anything the module installs later) to do it.
-    tree = ast.parse(SOURCE)
-    register = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "registerSampleData")
+    assert 'slicer.app.connect("startupCompleted()", register_sample_data)' in SOURCE
+    tree = ast.parse((GUI / "samples.py").read_text(encoding="utf-8"))
+    register = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "register_sample_data")
     imported = {node.module for node in ast.walk(register) if isinstance(node, ast.ImportFrom)}
     assert imported == {"entropymerge.samplefiles"}
     blocked = ("numpy", "scipy", "SimpleITK", "torch", "monai", "nibabel", "safetensors", "yaml", "matplotlib", "tqdm")
@@ -139,30 +175,71 @@ def test_the_help_links_to_the_extension_documentation_and_the_self_test_is_regi
     assert screenshot.endswith("/main/Resources/Screenshots/report.png") and (REPOSITORY / "Resources/Screenshots/report.png").is_file()
 
 
-def module_method_enum(methods: dict):
-    """The module's ``Method`` enum, built by the module's own statements (its label mixin and the enum line)
-    against ``methods``; ``_`` (Slicer's translation) is the identity here."""
-    import enum
+@pytest.fixture
+def panel_parameters(monkeypatch):
+    """A function that imports ``SlicerEntropyMergeGui.parameters`` anew (its ``Method`` enum reads the method
+    registry at import), with ``SLICER_APP_STANDINS``."""
+    pytest.importorskip("slicer", reason="the slicer-core wheel (test extra) provides the MRML node classes")
+    standins = {}
+    exec(SLICER_APP_STANDINS, {"modules": standins})
+    for name, module in standins.items():
+        monkeypatch.setitem(sys.modules, name, module)
 
-    tree = ast.parse(SOURCE)
-    wanted = [node for node in tree.body if (isinstance(node, ast.ClassDef) and node.name == "MethodLabel")
-              or (isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "Method")]
-    assert len(wanted) == 2, "the module builds its Method enum from the registry with a MethodLabel mixin"
-    namespace = {"enum": enum, "METHODS": methods, "_": lambda text: text}
-    exec(compile(ast.Module(body=wanted, type_ignores=[]), "SlicerEntropyMerge.py", "exec"), namespace)
-    return namespace["Method"]
+    def load():
+        sys.modules.pop("SlicerEntropyMergeGui.parameters", None)
+        return importlib.import_module("SlicerEntropyMergeGui.parameters")
+
+    yield load
+    sys.modules.pop("SlicerEntropyMergeGui.parameters", None)
 
 
-def test_the_module_method_list_is_the_engine_registry():
+def default_panel(parameters, **choices):
+    """The parameter node's values as a new scene starts them (the class defaults), with some site models."""
+    node = parameters.SlicerEntropyMergeParameterNode
+    values = {name: getattr(node, name) for name in node.__annotations__ if hasattr(node, name)}
+    return type("Panel", (), {**values, "modelPaths": ["north.json", "south.json"], **choices})()
+
+
+def engine_arguments(argv: list[str]):
+    """``argv`` (an ``entropymerge`` command line) as the engine's own parser reads it."""
+    from entropymerge.cli import build_parser
+
+    return build_parser().parse_args(argv)
+
+
+def test_every_slicer_default_is_the_engines(panel_parameters):
+    from entropymerge.settings import RunOptions
+    from SlicerEntropyMergeLib.engine import RunRequest
+
+    parameters = panel_parameters()
+    request = parameters.run_request(default_panel(parameters))
+    assert request == RunRequest(models=["north.json", "south.json"])  # the panel's defaults are the Lib's
+    run = engine_arguments(["run", "--volume", "case.nrrd", "--out", "out", *request.option_arguments()])
+    defaults = RunOptions(volume=Path("case.nrrd"), models=[])
+    for name in ("method", "single_model", "temperature", "decouple_head", "device", "roi_size", "overlap", "probe_patches",
+                 "adapt", "adapt_steps", "adapt_lr", "per_model", "rank", "unlabelled_value"):
+        assert getattr(run, name) == getattr(defaults, name), name
+    node = parameters.SlicerEntropyMergeParameterNode
+    assert (node.temperature, node.probePatches, node.method.value) == (defaults.temperature, defaults.probe_patches, defaults.method)
+
+
+def test_a_registered_merge_method_reaches_the_panel_and_the_engine_command_line(panel_parameters):
     from entropymerge.methods import METHODS, MergeMethod, register, unregister
+    from SlicerEntropyMergeLib.engine import run_process
 
-    method = module_method_enum(METHODS)
-    assert [m.value for m in method] == [m.name for m in METHODS.values() if not m.needs_reference]
-    assert [m.value for m in method] == ["adaptive", "mean", "ensemble", "single", "select"]
-    assert method.adaptive.label() == "entropy-adaptive merge"
+    parameters = panel_parameters()
+    assert [m.value for m in parameters.Method] == [m.name for m in METHODS.values() if not m.needs_reference]
+    assert [m.value for m in parameters.Method] == ["adaptive", "mean", "ensemble", "single", "select"]
+    assert parameters.Method.adaptive.label() == "entropy-adaptive merge"
     register(MergeMethod("registry-test", "registry test method", "test", combine="average"))
     try:
-        assert module_method_enum(METHODS)["registry-test"].label() == "registry test method"
+        parameters = panel_parameters()
+        method = parameters.Method["registry-test"]
+        assert method.label() == "registry test method"
+        request = parameters.run_request(default_panel(parameters, method=method))
+        argv = run_process(request, "case.nrrd", "out", python="python").arguments
+        assert argv[argv.index("--method") + 1] == "registry-test"
+        assert engine_arguments(argv[3:]).method == "registry-test"
     finally:
         unregister("registry-test")
-    assert "from entropymerge.methods import METHODS" in SOURCE
+    assert "registry-test" not in [m.value for m in panel_parameters().Method]

@@ -1,4 +1,4 @@
-"""Slicer 5.8 runs Python 3.9: the module, its Lib and the engine (which runs in Slicer's own Python) must load there.
+"""Slicer 5.8 runs Python 3.9: the module, its Gui and Lib packages and the engine (which runs in Slicer's own Python) must load there.
 
 Always: every file parses with Python 3.9's grammar, and nothing newer is evaluated at run time (``X | Y``
 outside postponed annotations, ``zip(strict=)``, ``dataclass(slots=, kw_only=)``, typing names of 3.10+).
@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 MODULE = Path(__file__).resolve().parents[1] / "SlicerEntropyMerge"
-FILES = sorted([MODULE / "SlicerEntropyMerge.py", *(MODULE / "SlicerEntropyMergeLib").glob("*.py"), *(MODULE / "entropymerge").glob("*.py")])
+FILES = sorted([MODULE / "SlicerEntropyMerge.py", *(MODULE / "SlicerEntropyMergeGui").glob("*.py"),
+                *(MODULE / "SlicerEntropyMergeLib").glob("*.py"), *(MODULE / "entropymerge").glob("*.py")])
 NEWER_TYPING = {"TypeAlias", "ParamSpec", "Concatenate", "TypeGuard", "Self", "Never", "LiteralString", "Required", "NotRequired",
                 "TypeVarTuple", "Unpack", "assert_never", "reveal_type", "dataclass_transform", "override"}
 # Modules that need only the standard library: what Slicer imports before the engine's packages are installed.
