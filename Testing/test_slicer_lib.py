@@ -21,6 +21,7 @@ from entropymerge.modelcard import DEFAULT_COLORS  # noqa: E402
 from entropymerge.models import load_site_model, save_site_model  # noqa: E402
 from entropymerge.safeconfig import build_network  # noqa: E402
 from entropymerge.volume import read_volume  # noqa: E402
+from SlicerEntropyMergeLib import results as lib_results  # noqa: E402
 from SlicerEntropyMergeLib import scene as lib_scene  # noqa: E402
 from SlicerEntropyMergeLib.engine import RunRequest, read_summary  # noqa: E402
 from SlicerEntropyMergeLib.job import abandon_run, discard_model, finish_run, save_merged_model, start_run  # noqa: E402
@@ -266,7 +267,7 @@ def test_results_sit_in_a_folder_under_the_volume_study(run):
 def test_a_second_import_updates_the_same_nodes(run):
     scene, volume = run["scene"], run["volume"]
     before = scene.GetNumberOfNodes()
-    again = lib_scene.import_results(scene, volume, run["out"], segmentation=run["results"].segmentation)
+    again = lib_results.import_results(scene, volume, run["out"], segmentation=run["results"].segmentation)
     assert scene.GetNumberOfNodes() == before
     assert again.entropy is run["results"].entropy and again.ranking is run["results"].ranking
     assert again.segmentation.GetSegmentation().GetNumberOfSegments() == 2
@@ -280,7 +281,7 @@ def test_a_failing_import_leaves_no_half_made_nodes(run, tmp_path):
     (broken / "ranking.csv").unlink()
     before = scene.GetNumberOfNodes()
     with pytest.raises(FileNotFoundError):
-        lib_scene.import_results(scene, volume, broken)
+        lib_results.import_results(scene, volume, broken)
     assert scene.GetNumberOfNodes() == before
 
 
@@ -367,8 +368,8 @@ def test_a_second_run_on_a_transformed_volume_lands_on_the_volume(run, converter
     volume = volume_node(scene, run["image"], oblique_lps_matrix())
     volume.SetAndObserveTransformNodeID(translation_transform(scene).GetID())
     engine_labels = read_volume(run["out"] / "segmentation.nii.gz").array.transpose(2, 1, 0)
-    first = lib_scene.import_results(scene, volume, run["out"])
-    again = lib_scene.import_results(scene, volume, run["out"])
+    first = lib_results.import_results(scene, volume, run["out"])
+    again = lib_results.import_results(scene, volume, run["out"])
     assert again.segmentation is first.segmentation
     assert again.segmentation.GetTransformNodeID() == volume.GetTransformNodeID()
     np.testing.assert_array_equal(segmentation_labels(scene, again.segmentation, volume), engine_labels)

@@ -221,6 +221,9 @@ def test_every_slicer_default_is_the_engines(panel_parameters):
         assert getattr(run, name) == getattr(defaults, name), name
     node = parameters.SlicerEntropyMergeParameterNode
     assert (node.temperature, node.probePatches, node.method.value) == (defaults.temperature, defaults.probe_patches, defaults.method)
+    from SlicerEntropyMergeLib.scene import UNLABELLED
+
+    assert UNLABELLED == defaults.unlabelled_value  # what unpainted scribble voxels are written as
 
 
 def test_a_registered_merge_method_reaches_the_panel_and_the_engine_command_line(panel_parameters):

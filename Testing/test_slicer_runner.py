@@ -152,8 +152,8 @@ def test_run_request_becomes_the_engine_options():
 
 
 def test_models_needed_and_roi_parsing():
-    assert [models_needed(m, False) for m in ("adaptive", "mean", "ensemble", "single")] == [1, 1, 1, 1]  # one model: itself
-    assert models_needed("single", True) == 2
+    assert models_needed(rank=False) == 1  # with one model, every method is that model
+    assert models_needed(rank=True) == 2
     assert parse_roi_size("") is None and parse_roi_size("96, 96 x 64") == (96, 96, 64)
     with pytest.raises(ValueError, match="The ROI size needs three positive whole numbers"):
         parse_roi_size("96 96")

@@ -2,7 +2,9 @@
 
 - ``process``: the engine as a background process (JSON-lines progress, cancel kills the tree);
 - ``engine``: the engine's command line (run, models) and its output folder;
-- ``scene``: volume and label map nodes out to files, results back as nodes;
+- ``scene``: volume and label map nodes out to files (and back);
+- ``results``: a finished run's outputs into the scene as result nodes;
+- ``tables``: the coefficient, Dice and ranking tables of a run;
 - ``cases``: a folder of cases and the results kept next to each case.
 """
 

@@ -14,31 +14,33 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from entropymerge.settings import AdaptationSettings, InferenceOverrides, MergeSettings, OutputSettings, ProbeSettings, RankingSettings
+
 from . import tr as _
 from .process import EngineProcess
 
 ENGINE_FOLDER = Path(__file__).resolve().parents[1]  # the folder that holds the entropymerge package
-ADAPTATIONS = ("none", "tent", "dsbr")
 
 
 @dataclass
 class RunRequest:
-    """What the user chose in the panel; ``None`` means the engine's (or the model card's) default."""
+    """What the user chose in the panel; ``None`` means the engine's (or the model card's) default, and
+    the other defaults are the engine's (``entropymerge.settings``)."""
 
     models: list[str]
-    method: str = "adaptive"
-    single_model: str | None = None
-    temperature: float = 0.05
-    decouple_head: bool = True
-    device: str = "auto"
+    method: str = MergeSettings.method
+    single_model: str | None = MergeSettings.single_model
+    temperature: float = MergeSettings.temperature
+    decouple_head: bool = MergeSettings.decouple_head
+    device: str = InferenceOverrides.device
     roi_size: tuple[int, int, int] | None = None
     overlap: float | None = None
-    probe_patches: int = 8
-    adapt: str = "none"
+    probe_patches: int = ProbeSettings.patches
+    adapt: str = AdaptationSettings.method
     adapt_steps: int | None = None
     adapt_lr: float | None = None
-    per_model: bool = False
-    rank: bool = False
+    per_model: bool = OutputSettings.per_model
+    rank: bool = RankingSettings.rank
     reference: str | None = None
     scribbles: str | None = None
 
@@ -74,7 +76,7 @@ class RunRequest:
         return arguments
 
 
-def models_needed(method: str, rank: bool) -> int:
+def models_needed(rank: bool) -> int:
     """How many site models a run needs: two to rank; otherwise one (with one model every method is that model)."""
     return 2 if rank else 1
 

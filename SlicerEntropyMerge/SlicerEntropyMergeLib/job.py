@@ -16,7 +16,8 @@ from pathlib import Path
 from . import cases
 from .engine import RunRequest, run_process
 from .process import SUCCEEDED, EngineProcess
-from .scene import ImportedResults, import_results, write_label_map, write_volume_node
+from .results import ImportedResults, import_results
+from .scene import write_label_map, write_volume_node
 
 
 @dataclass

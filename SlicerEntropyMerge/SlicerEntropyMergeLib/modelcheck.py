@@ -98,7 +98,7 @@ def apply_blocker(check: ModelCheck, has_volume: bool, paths: list[str], method:
     """Why Apply cannot run now (one sentence for the button's tooltip), or ``None``."""
     if not has_volume:
         return _("Select a target volume.")
-    needed = models_needed(method, rank)
+    needed = models_needed(rank)
     if len(paths) < needed:
         return _("{method} needs at least {needed} site model(s); {given} listed.").format(method=method_label, needed=needed, given=len(paths))
     if check.running:
