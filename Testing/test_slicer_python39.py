@@ -23,7 +23,7 @@ NEWER_TYPING = {"TypeAlias", "ParamSpec", "Concatenate", "TypeGuard", "Self", "N
 # Modules that need only the standard library: what Slicer imports before the engine's packages are installed.
 STDLIB_ONLY = ["SlicerEntropyMergeLib.binding", "SlicerEntropyMergeLib.cases", "SlicerEntropyMergeLib.dependencies",
                "SlicerEntropyMergeLib.engine", "SlicerEntropyMergeLib.modelcheck", "SlicerEntropyMergeLib.process",
-               "entropymerge.samplefiles", "entropymerge.errors"]
+               "entropymerge.samplefiles", "entropymerge.errors", "entropymerge.summary"]
 
 
 def python39() -> str | None:

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserInputError
+from .summary import SUMMARY_NAME
 from .volume import Geometry, write_volume
 
-SUMMARY_NAME = "summary.json"
 VOLUME_FORMATS = ("nii.gz", "nrrd", "mha")
 LOCK_NAME = ".entropymerge-lock"
 STAGING_PREFIX = ".entropymerge-partial-"
