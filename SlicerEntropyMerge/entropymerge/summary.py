@@ -12,7 +12,7 @@ Standard library only: the Slicer module imports this before the engine's packag
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +62,9 @@ def _get(data: dict, key: str, where: str) -> Any:
     return data[key]
 
 
-def _fields(data: dict, names: tuple[str, ...], where: str) -> dict:
-    return {name: _get(data, name, where) for name in names}
+def _record(cls, data: dict, where: str):
+    """A record of type ``cls`` from its JSON object: every field required."""
+    return cls(**{item.name: _get(data, item.name, where) for item in fields(cls)})
 
 
 @dataclass
@@ -72,10 +73,6 @@ class VolumeRecord:
 
     path: str = ""
     geometry: str = ""
-
-    @classmethod
-    def from_json(cls, data: dict, where: str = "volume") -> VolumeRecord:
-        return cls(**_fields(data, ("path", "geometry"), where))
 
 
 @dataclass
@@ -88,10 +85,6 @@ class ModelRecord:
     kind: str  # the model format
     parameters: int
 
-    @classmethod
-    def from_json(cls, data: dict, where: str) -> ModelRecord:
-        return cls(**_fields(data, ("name", "site", "source", "kind", "parameters"), where))
-
 
 @dataclass
 class LabelRecord:
@@ -101,10 +94,6 @@ class LabelRecord:
     name: str
     color: str
 
-    @classmethod
-    def from_json(cls, data: dict, where: str) -> LabelRecord:
-        return cls(**_fields(data, ("value", "name", "color"), where))
-
 
 @dataclass
 class Coefficients:
@@ -112,10 +101,6 @@ class Coefficients:
 
     body: dict[str, float] | None = None
     head: dict[str, float] | None = None
-
-    @classmethod
-    def from_json(cls, data: dict, where: str = "coefficients") -> Coefficients:
-        return cls(**_fields(data, ("body", "head"), where))
 
 
 @dataclass
@@ -125,10 +110,6 @@ class FeatureRecord:
 
     spec: dict[str, Any] | None = None
     from_cache: bool = False
-
-    @classmethod
-    def from_json(cls, data: dict, where: str = "features") -> FeatureRecord:
-        return cls(**_fields(data, ("spec", "from_cache"), where))
 
 
 @dataclass
@@ -142,10 +123,6 @@ class InferenceRecord:
     mode: str = ""
     padding_mode: str = ""
 
-    @classmethod
-    def from_json(cls, data: dict, where: str = "inference") -> InferenceRecord:
-        return cls(**_fields(data, ("inferer", "roi_size", "overlap", "sw_batch_size", "mode", "padding_mode"), where))
-
 
 @dataclass
 class ClassScores:
@@ -154,10 +131,6 @@ class ClassScores:
     dice: float | None
     hd95_mm: float | None
     in_reference: bool
-
-    @classmethod
-    def from_json(cls, data: dict, where: str) -> ClassScores:
-        return cls(**_fields(data, ("dice", "hd95_mm", "in_reference"), where))
 
 
 @dataclass
@@ -172,8 +145,8 @@ class Evaluation:
     @classmethod
     def from_json(cls, data: dict, where: str = "evaluation") -> Evaluation:
         per_class = _get(data, "per_class", where)
-        return cls({name: ClassScores.from_json(scores, f"{where}.per_class.{name}") for name, scores in per_class.items()},
-                   **_fields(data, ("mean_dice", "mean_hd95_mm", "classes_in_reference"), where))
+        return cls({name: _record(ClassScores, scores, f"{where}.per_class.{name}") for name, scores in per_class.items()},
+                   *(_get(data, key, where) for key in ("mean_dice", "mean_hd95_mm", "classes_in_reference")))
 
     def to_json(self) -> dict:
         return {"per_class": {name: vars(scores).copy() for name, scores in self.per_class.items()}, "mean_dice": self.mean_dice,
@@ -195,10 +168,6 @@ class ModelResult:
 
     def to_json(self) -> dict:
         return {"evaluation": self.evaluation.to_json()} if self.evaluation else {}
-
-
-RANKING_FIELDS = ("label_source", "self_referenced", "description", "questions", "as_is_basis", "statistic", "columns",
-                  "fusion_weight", "samples", "taps", "rows", "weighted_kendall_tau", "notes", "seconds")
 
 
 @dataclass
@@ -224,15 +193,6 @@ class RankingRecord:
     notes: list[str]
     seconds: float
 
-    @classmethod
-    def from_json(cls, data: dict, where: str = "ranking") -> RankingRecord:
-        return cls(**_fields(data, RANKING_FIELDS, where))
-
-
-ADAPTATION_FIELDS = ("method", "steps", "steps_run", "learning_rate", "seed", "adapted_parameters", "identity_affine_layers",
-                     "reliable_below", "prior_weight", "reliable_fraction_per_step", "loss_per_step", "proportions_before",
-                     "proportions_after", "foreground_fraction_per_step", "guard_fired", "guard", "restored")
-
 
 @dataclass
 class AdaptationRecord:
@@ -256,10 +216,6 @@ class AdaptationRecord:
     guard_fired: bool
     guard: Any
     restored: bool
-
-    @classmethod
-    def from_json(cls, data: dict, where: str = "adaptation") -> AdaptationRecord:
-        return cls(**_fields(data, ADAPTATION_FIELDS, where))
 
 
 def _copy(record) -> dict:
@@ -342,17 +298,19 @@ class RunSummary:
             return None if get(key) is None else read(get(key), key)
 
         return cls(
-            entropymerge_version=get("entropymerge_version"), created=get("created"), volume=VolumeRecord.from_json(get("volume")),
-            models=[ModelRecord.from_json(m, f"models.{i}") for i, m in enumerate(get("models"))],
-            labels=[LabelRecord.from_json(l, f"labels.{i}") for i, l in enumerate(get("labels"))],
-            method=get("method"), coefficients=Coefficients.from_json(get("coefficients")), decoupled_head=get("decoupled_head"),
-            probe_statistics=get("probe_statistics"), merge_details=get("merge_details"), features=FeatureRecord.from_json(get("features")),
-            device=get("device"), inference=InferenceRecord.from_json(get("inference")),
+            entropymerge_version=get("entropymerge_version"), created=get("created"), volume=_record(VolumeRecord, get("volume"), "volume"),
+            models=[_record(ModelRecord, m, f"models.{i}") for i, m in enumerate(get("models"))],
+            labels=[_record(LabelRecord, l, f"labels.{i}") for i, l in enumerate(get("labels"))],
+            method=get("method"), coefficients=_record(Coefficients, get("coefficients"), "coefficients"), decoupled_head=get("decoupled_head"),
+            probe_statistics=get("probe_statistics"), merge_details=get("merge_details"),
+            features=_record(FeatureRecord, get("features"), "features"),
+            device=get("device"), inference=_record(InferenceRecord, get("inference"), "inference"),
             evaluation=optional("evaluation", Evaluation.from_json),
             per_model=optional("per_model", lambda entries, where: {
                 name: ModelResult.from_json(entry, f"{where}.{name}") for name, entry in entries.items()}),
             timings_s=get("timings_s"), notes=get("notes"), versions=get("versions"),
-            ranking=optional("ranking", RankingRecord.from_json), adaptation=optional("adaptation", AdaptationRecord.from_json),
+            ranking=optional("ranking", lambda data, where: _record(RankingRecord, data, where)),
+            adaptation=optional("adaptation", lambda data, where: _record(AdaptationRecord, data, where)),
             saved_model=data.get("saved_model"), outputs=get("outputs"),
         )
 
