@@ -10,21 +10,16 @@ import pytest
 import torch
 
 from conftest import make_card
-from entropymerge.adaptation import (
-    AdaptationSettings,
-    adapt,
-    adaptation_loss,
-    add_identity_affines,
-    collapse,
-    normalization_parameters,
-    proportion_loss,
-)
+from entropymerge.adaptation import adapt, adaptation_loss, add_identity_affines, collapse, normalization_parameters, proportion_loss
 from entropymerge.cli import main
 from entropymerge.entropy import class_balanced_entropy
 from entropymerge.errors import UserInputError
-from entropymerge.merging import AdaptiveSettings, adaptive_plan, apply_batchnorm_policy, interpolate, probe_probabilities, select_probe
+from entropymerge.merging import adaptive_plan
 from entropymerge.models import load_site_model, save_site_model
+from entropymerge.probe import apply_batchnorm_policy, probe_probabilities, select_probe
 from entropymerge.safeconfig import build_network
+from entropymerge.settings import AdaptationSettings, MergeSettings
+from entropymerge.weights import interpolate
 from test_adaptive_merging import LAST_CONV, phantom_probe_inputs
 
 CPU = torch.device("cpu")
@@ -192,7 +187,7 @@ def test_adaptation_changes_only_normalisation_affines_and_never_the_site_models
     models = [load_site_model(model_factory(f"m{i}", seed=30 + i)) for i in range(3)]
     site_states = [snapshot(m.network) for m in models]
     outputs = [probe_probabilities(m.network, probe, CPU) for m in models]
-    plan = adaptive_plan(models, probe, outputs, AdaptiveSettings(), CPU)
+    plan = adaptive_plan(models, probe, outputs, MergeSettings(), CPU)
     merged = plan.network(models)
     merged_state = snapshot(merged)
     adapted, result = adapt(merged, probe, AdaptationSettings("dsbr", 3, 1e-2), CPU)

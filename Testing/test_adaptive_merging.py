@@ -7,18 +7,12 @@ import torch
 from conftest import make_card
 from entropymerge.entropy import class_balanced_entropy, js_divergence_to_mean, probe_statistics
 from entropymerge.errors import UserInputError
-from entropymerge.merging import (
-    AdaptiveSettings,
-    adaptive_plan,
-    apply_batchnorm_policy,
-    body_mask,
-    detect_head,
-    probe_probabilities,
-    select_probe,
-    softmax_coefficients,
-)
+from entropymerge.head import detect_head
+from entropymerge.merging import adaptive_plan, softmax_coefficients
 from entropymerge.models import SiteModel, load_site_model
+from entropymerge.probe import apply_batchnorm_policy, body_mask, probe_probabilities, select_probe
 from entropymerge.safeconfig import build_network
+from entropymerge.settings import MergeSettings
 
 LAST_CONV = "model.2.1.conv.unit0.conv"  # the final conv of a MONAI UNet with residual units
 
@@ -46,7 +40,7 @@ def base_model(model_factory):
     return load_site_model(model_factory("base", seed=4))
 
 
-def plan_for(models, settings=AdaptiveSettings(), inputs=None):
+def plan_for(models, settings=MergeSettings(), inputs=None):
     inputs = phantom_probe_inputs() if inputs is None else inputs
     probe = select_probe(inputs, (32, 32, 32), max_patches=3)
     outputs = [probe_probabilities(m.network, probe, torch.device("cpu")) for m in models]
@@ -55,7 +49,7 @@ def plan_for(models, settings=AdaptiveSettings(), inputs=None):
 
 def test_lower_entropy_model_gets_larger_alpha(base_model):
     models = [scaled_head(base_model, f, n) for f, n in ((0.2, "unsure"), (1.0, "plain"), (5.0, "confident"))]
-    plan, outputs = plan_for(models, AdaptiveSettings(statistic="entropy"))
+    plan, outputs = plan_for(models, MergeSettings(statistic="entropy"))
     entropies = probe_statistics(outputs)["entropy"]
     assert entropies[0] > entropies[1] > entropies[2]
     assert plan.body[2] > plan.body[1] > plan.body[0]
@@ -66,11 +60,11 @@ def test_lower_entropy_model_gets_larger_alpha(base_model):
 def test_decoupled_head_coefficients_differ_from_alpha(model_factory):
     models = [load_site_model(model_factory(f"m{i}", seed=10 + i)) for i in range(3)]
     # a softmax statistic: trimmed_mean would give both body and head 1/K
-    plan, _ = plan_for(models, AdaptiveSettings(temperature=0.02, statistic="foreground_entropy"))
+    plan, _ = plan_for(models, MergeSettings(temperature=0.02, statistic="foreground_entropy"))
     assert plan.details["head_module"] == "model.2"
     assert not np.allclose(plan.head, plan.body, atol=1e-3)
     assert plan.head_keys and all(key.startswith("model.2.") for key in plan.head_keys)
-    undecoupled, _ = plan_for(models, AdaptiveSettings(temperature=0.02, statistic="foreground_entropy", decouple_head=False))
+    undecoupled, _ = plan_for(models, MergeSettings(temperature=0.02, statistic="foreground_entropy", decouple_head=False))
     assert undecoupled.head is None and not undecoupled.head_keys
     np.testing.assert_allclose(undecoupled.body, plan.body)
 
@@ -85,7 +79,7 @@ def test_merge_is_deterministic(model_factory):
 
 def test_refine_keeps_the_lowest_uncertainty_candidate(model_factory, base_model):
     models = [scaled_head(base_model, 0.3, "unsure"), scaled_head(base_model, 4.0, "sharp")]
-    plan, _ = plan_for(models, AdaptiveSettings(refine=True))
+    plan, _ = plan_for(models, MergeSettings(refine=True))
     candidates = plan.details["candidates"]
     assert {c["candidate"] for c in candidates} >= {"adaptive", "mean", "only unsure", "only sharp"}
     best = min(candidates, key=lambda c: c["score"])
@@ -97,7 +91,7 @@ def test_refine_keeps_the_lowest_uncertainty_candidate(model_factory, base_model
 def test_refine_scores_candidates_by_foreground_entropy_when_the_statistic_compares_models(base_model, statistic):
     # one merged candidate has no "others" to compare with: its consensus cross-entropy would be 0 for all
     models = [scaled_head(base_model, 0.3, "unsure"), scaled_head(base_model, 4.0, "sharp")]
-    plan, _ = plan_for(models, AdaptiveSettings(statistic=statistic, refine=True))
+    plan, _ = plan_for(models, MergeSettings(statistic=statistic, refine=True))
     scores = [c["score"] for c in plan.details["candidates"]]
     assert plan.details["refine_criterion"] == "foreground_entropy" and len(set(scores)) > 1
     assert plan.details["chosen_candidate"] == min(plan.details["candidates"], key=lambda c: c["score"])["candidate"]

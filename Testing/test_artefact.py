@@ -11,8 +11,9 @@ from monai.data import create_test_image_3d
 
 from conftest import shared_file
 from entropymerge.cli import main
-from entropymerge.merging import detect_head, interpolate, merged_network
+from entropymerge.head import detect_head
 from entropymerge.models import load_site_model, load_site_models
+from entropymerge.weights import interpolate, merged_network
 from test_adaptation import assert_bit_identical
 
 

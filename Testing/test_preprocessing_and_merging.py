@@ -6,11 +6,12 @@ import torch
 
 from conftest import shared_file
 from entropymerge.entropy import normalized_entropy
-from entropymerge.merging import check_coefficients, mean_coefficients, merge_state_dicts, merged_network
+from entropymerge.merging import mean_coefficients
 from entropymerge.modelcard import Preprocessing
 from entropymerge.models import load_site_models
 from entropymerge.preprocessing import to_input_grid, to_model_space
 from entropymerge.volume import Geometry, Volume
+from entropymerge.weights import check_coefficients, merge_state_dicts, merged_network
 
 
 def block_volume(geometry: Geometry) -> Volume:

@@ -12,7 +12,8 @@ import torch
 
 from entropymerge.entropy import foreground_weights, leave_one_out_consensus, prediction_bias, probe_statistics
 from entropymerge.fingerprint import FINGERPRINT_KEY, QUANTILES, fingerprint_distances, intensity_fingerprint
-from entropymerge.merging import STATISTICS, AdaptiveSettings, shrink_toward_mean, site_scores, statistic_coefficients, trimmed_mean
+from entropymerge.merging import STATISTICS, shrink_toward_mean, site_scores, statistic_coefficients, trimmed_mean
+from entropymerge.settings import MergeSettings
 
 ROBUST = ("cross_entropy", "entropy_kl", "cross_entropy_bias", "shrunk_cross_entropy")
 
@@ -45,7 +46,7 @@ def test_a_confidently_wrong_site_wins_with_entropy_but_not_with_the_robust_stat
         alpha = statistic_coefficients(stats, statistic, 0.05)
         assert alpha[2] < min(alpha[0], alpha[1]), (statistic, alpha)
         assert alpha[0] == pytest.approx(alpha[1])
-    default = statistic_coefficients(stats, AdaptiveSettings().statistic, 0.05)
+    default = statistic_coefficients(stats, MergeSettings().statistic, 0.05)
     assert default[2] < 0.1 and default.sum() == pytest.approx(1.0)
 
 

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from entropymerge.cli import main
-from entropymerge.merging import AdaptiveSettings, Probe
 from entropymerge.models import load_site_model
+from entropymerge.probe import Probe
 from entropymerge.ranking import LabelSource, Tap, TappedOutputs, features_at, find_taps, labelled_agreement, rank_models, tapped_pass
+from entropymerge.settings import MergeSettings
 from entropymerge.transferability import (
     UNLABELLED,
     decoder_stage_weights,
@@ -212,7 +213,7 @@ def test_rank_with_a_reference_gives_the_table_and_kendall_tau(tmp_path, mind_mo
     assert [row["transfer_rank"] for row in by_fused] == [1, 2, 3]
     columns = {c["key"]: c for c in ranking["columns"]}
     assert columns["true_dice"]["question"] == "as is" and columns["true_dice"]["labels"] == "reference"
-    assert columns["uncertainty"] == {"key": "uncertainty", "title": f"{AdaptiveSettings.statistic} (merge statistic)", "question": "as is",
+    assert columns["uncertainty"] == {"key": "uncertainty", "title": f"{MergeSettings.statistic} (merge statistic)", "question": "as is",
                                       "better": "lower", "labels": "none"}
     assert columns["fused"]["question"] == "transfer" and columns["fused"]["labels"].startswith("reference ")
     for row in ranking["rows"]:

@@ -23,11 +23,12 @@ from pathlib import Path
 import numpy as np
 from tables import publish
 
-from entropymerge.adaptation import AdaptationSettings, adapt
-from entropymerge.merging import probe_batch_size
+from entropymerge.adaptation import adapt
 from entropymerge.pipeline import RunOptions, Timings, load_case, plan_merge
+from entropymerge.probe import probe_batch_size
 from entropymerge.progress import Progress
 from entropymerge.sampledata import SOURCE_SITES, bundled_models, bundled_targets, write_case
+from entropymerge.settings import AdaptationSettings
 from entropymerge.training import case_seed
 
 SHIFT_SITE = "riverside-t1"

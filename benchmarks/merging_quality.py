@@ -33,11 +33,12 @@ from tables import publish
 
 from entropymerge.evaluation import compare_methods
 from entropymerge.fingerprint import FINGERPRINT_KEY
-from entropymerge.merging import STATISTICS, AdaptiveSettings
+from entropymerge.merging import STATISTICS
 from entropymerge.models import load_site_models
 from entropymerge.pipeline import RunOptions, Timings, load_case
 from entropymerge.progress import Progress
 from entropymerge.sampledata import TARGET_SITES, bundled_models, write_case
+from entropymerge.settings import MergeSettings
 from entropymerge.training import case_seed
 
 METHOD_ORDER = ["oracle", "adaptive", "adaptive-coupled", "mean", "ensemble", "select"]
@@ -68,7 +69,7 @@ def pool_targets(pool: str, per_site: int, first_index: int, folder: Path) -> li
     return targets
 
 
-def evaluate_pool(models: list[Path], targets, settings: AdaptiveSettings, variants: dict, probe_patches: int, device: str, log) -> dict:
+def evaluate_pool(models: list[Path], targets, settings: MergeSettings, variants: dict, probe_patches: int, device: str, log) -> dict:
     """{method key: {target name: mean Dice}} for one pool."""
     dice: dict[str, dict[str, float]] = defaultdict(dict)
     singles: dict[str, list[float]] = defaultdict(list)
@@ -106,15 +107,15 @@ def main(argv=None) -> int:
     parser.add_argument("--pools", nargs="+", default=list(POOLS), choices=POOLS)
     parser.add_argument("--per-site", type=int, default=2, help="targets per unseen site (per target contrast in the contrast pool)")
     parser.add_argument("--seed-index", type=int, default=200, help="index of the first test seed of each site (fresh: 200)")
-    parser.add_argument("--statistic", default=AdaptiveSettings.statistic, choices=STATISTICS)
-    parser.add_argument("--temperature", type=float, default=AdaptiveSettings.temperature)
+    parser.add_argument("--statistic", default=MergeSettings.statistic, choices=STATISTICS)
+    parser.add_argument("--temperature", type=float, default=MergeSettings.temperature)
     parser.add_argument("--variant", action="append", default=None,
                         help="adaptive variant statistic:temperature; repeat (default: every other statistic at --temperature)")
     parser.add_argument("--probe-patches", type=int, default=8, help="probe patches per target (default 8, as entropymerge run)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args(argv)
-    settings = AdaptiveSettings(statistic=args.statistic, temperature=args.temperature, head_temperature=args.temperature)
+    settings = MergeSettings(statistic=args.statistic, temperature=args.temperature, head_temperature=args.temperature)
     texts = args.variant if args.variant is not None else [f"{s}:{args.temperature:g}" for s in STATISTICS if s != args.statistic]
     variants = {}
     for text in texts:
@@ -122,7 +123,7 @@ def main(argv=None) -> int:
         if statistic not in STATISTICS:
             raise SystemExit(f"unknown statistic {statistic!r}; choose one of {', '.join(STATISTICS)}")
         tau = float(temperature or args.temperature)
-        variants[text] = AdaptiveSettings(statistic=statistic, temperature=tau, head_temperature=tau)
+        variants[text] = MergeSettings(statistic=statistic, temperature=tau, head_temperature=tau)
     methods = ["site models (mean of singles)", *METHOD_ORDER, *(f"adaptive:{v}" for v in variants)]
     started = time.perf_counter()
     lines = [f"Adaptive (default): statistic {args.statistic}, temperature {args.temperature:g}, decoupled head, "

@@ -33,23 +33,15 @@ from tables import publish
 from entropymerge.entropy import predicted_labels, probe_statistics
 from entropymerge.features import model_inputs
 from entropymerge.inference import predict_logits, segmentation_from_probabilities
-from entropymerge.merging import (
-    STATISTICS,
-    AdaptiveSettings,
-    adaptive_plan,
-    crop_patches,
-    probe_batch_size,
-    probe_probabilities,
-    select_probe,
-    site_scores,
-)
+from entropymerge.merging import STATISTICS, adaptive_plan, site_scores
 from entropymerge.metrics import evaluate
 from entropymerge.models import load_site_models
 from entropymerge.outputs import safe_file_stem
-from entropymerge.pipeline import default_probe_size
 from entropymerge.preprocessing import labels_to_model_space, to_model_space
+from entropymerge.probe import crop_patches, default_probe_size, probe_batch_size, probe_probabilities, select_probe
 from entropymerge.ranking import LabelSource, rank_models
 from entropymerge.sampledata import TARGET_SITES, bundled_models, simulate, simulate_scribbles
+from entropymerge.settings import MergeSettings
 from entropymerge.training import TrainingConfig, case_seed, prepare_cases, train_site_models, train_stage
 from entropymerge.transferability import fuse, weighted_taus
 from entropymerge.volume import Volume
@@ -122,7 +114,7 @@ def evaluate_target(pool, merge_set, finetuned, image: Volume, labels: Volume, s
     outputs = [probe_probabilities(m.network, replace(probe, patches=crop(x, probe)), device, probe_batch_size(probe, card.inference.roi_size))
                for m, x in zip(pool, inputs)]
     stats = probe_statistics(outputs)
-    settings = AdaptiveSettings()  # the label-free as-is score follows the merge's default statistic
+    settings = MergeSettings()  # the label-free as-is score follows the merge's default statistic
     uncertainty = site_scores(stats, settings.statistic)
 
     merge_models = [pool[i] for i in merge_set]

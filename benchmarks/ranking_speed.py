@@ -15,9 +15,8 @@ import torch
 from ranking_quality import CACHE, load_pool, undertrained_models
 
 from entropymerge.features import model_inputs
-from entropymerge.merging import select_probe
-from entropymerge.pipeline import default_probe_size
 from entropymerge.preprocessing import labels_to_model_space, to_model_space
+from entropymerge.probe import default_probe_size, select_probe
 from entropymerge.ranking import LabelSource, rank_models
 from entropymerge.sampledata import TARGET_SITES, bundled_models, simulate
 from entropymerge.training import case_seed

@@ -27,37 +27,14 @@ import torch
 from .entropy import class_balanced_weights, normalized_entropy, predicted_labels
 from .errors import UserInputError
 from .inference import autocast
-from .merging import Probe, apply_batchnorm_policy
+from .probe import Probe, apply_batchnorm_policy
 from .progress import Progress
+from .settings import AdaptationSettings
 
-ADAPT_METHODS = ("none", "tent", "dsbr")
 # allowed foreground fraction, relative to its value before adaptation; growth beyond 1.25x never helped in
 # benchmarks/adaptation.py (DSBR grew it 1.3-2x and lost up to 0.25 Dice), shrinking to 0.7x sometimes did (TENT)
 FOREGROUND_RANGE = (0.5, 1.25)
 NORMALIZATION_LAYERS = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)  # batch and instance norm share _NormBase
-
-
-@dataclass
-class AdaptationSettings:
-    method: str = "none"
-    steps: int = 10
-    learning_rate: float = 1e-3
-    seed: int = 0
-    restore_on_collapse: bool = True  # False: the guard only records when it would have fired (benchmarks)
-    reliable_below: float | None = None  # only voxels with normalised entropy below this count in the loss (SAR/EATA)
-    prior_weight: float = 0.0  # weight of KL(start class proportions || now): holds the predicted class mix in place
-
-    def check(self) -> None:
-        if self.method not in ADAPT_METHODS:
-            raise UserInputError(f"unknown adaptation {self.method!r}; choose one of {', '.join(ADAPT_METHODS)}")
-        if self.steps < 1:
-            raise UserInputError(f"--adapt-steps must be at least 1, got {self.steps}")
-        if not self.learning_rate > 0:
-            raise UserInputError(f"--adapt-lr must be > 0, got {self.learning_rate}")
-        if self.reliable_below is not None and not 0 < self.reliable_below <= 1:
-            raise UserInputError(f"--adapt-reliable must be in (0, 1] (a fraction of log C), got {self.reliable_below}")
-        if not self.prior_weight >= 0:
-            raise UserInputError(f"--adapt-prior must be >= 0, got {self.prior_weight}")
 
 
 @dataclass

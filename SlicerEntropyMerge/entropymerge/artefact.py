@@ -224,8 +224,10 @@ def merge_to_folder(model_paths: Sequence[Path], folder: Path, *, coefficients: 
                     overwrite: bool = False, trust_code: bool = False, notes: list[str] | None = None) -> dict[str, str]:
     """``entropymerge merge``: merge the site models with given (or a run's) coefficients, without a volume,
     and write the merged network as a site model into ``folder``. Without coefficients: the mean merge."""
-    from .merging import detect_head, mean_coefficients, merged_network
+    from .head import detect_head
+    from .merging import mean_coefficients
     from .models import check_compatible, expand_model_paths, load_site_models
+    from .weights import merged_network
 
     if coefficients and from_summary:
         raise UserInputError("give --coefficients or --from-summary, not both")

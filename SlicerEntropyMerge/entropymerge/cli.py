@@ -130,9 +130,10 @@ def build_parser() -> ArgumentParser:
 
 
 def add_method_options(parser: argparse.ArgumentParser) -> None:
-    from .merging import STATISTICS, AdaptiveSettings
+    from .merging import STATISTICS
     from .methods import METHODS
     from .pipeline import DEFAULT_TEMPERATURE
+    from .settings import MergeSettings
 
     method = parser.add_argument_group("merging")
     method.add_argument("--method", default="adaptive", choices=tuple(METHODS),
@@ -141,7 +142,7 @@ def add_method_options(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="tau of alpha = softmax(-H / tau)")
     method.add_argument("--head-temperature", type=float, help="tau of the head coefficients beta (default: --temperature)")
     method.add_argument("--no-decouple-head", dest="decouple_head", action="store_false", help="merge the head with alpha too")
-    method.add_argument("--statistic", default=AdaptiveSettings.statistic, choices=STATISTICS, help="the per-model uncertainty behind alpha")
+    method.add_argument("--statistic", default=MergeSettings.statistic, choices=STATISTICS, help="the per-model uncertainty behind alpha")
     method.add_argument("--refine", action="store_true", help="forward-only search over a few candidate coefficient vectors")
     method.add_argument("--batchnorm", default="merge", choices=("merge", "reestimate"), help="batch-norm statistics of the merged model")
     method.add_argument("--probe", default="patches", choices=("patches", "whole"),
@@ -190,7 +191,7 @@ def add_common_run_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_adaptation_options(parser: argparse.ArgumentParser) -> None:
-    from .adaptation import ADAPT_METHODS, AdaptationSettings
+    from .settings import ADAPT_METHODS, AdaptationSettings
 
     adaptation = parser.add_argument_group("test-time adaptation of the merged model")
     adaptation.add_argument("--adapt", default="none", choices=ADAPT_METHODS,

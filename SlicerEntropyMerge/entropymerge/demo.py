@@ -52,7 +52,7 @@ def run_demo(out: Path | None = None, device: str = "auto", overwrite: bool = Fa
             progress.stage(target.name, f"target {target.name}")
             options = RunOptions(volume=target.image, models=models, reference=target.labels, device=device)
             case = load_case(options, Progress(), Timings())
-            comparison = compare_methods(case, options.adaptive_settings(), options.probe_patches,
+            comparison = compare_methods(case, options.merge_settings(), options.probe_patches,
                                          progress=_StageProgress(progress))
             print_(_report(target.name, case, comparison, options.statistic))
             for result in comparison.results:

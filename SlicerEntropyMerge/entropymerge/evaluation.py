@@ -11,10 +11,12 @@ import time
 from dataclasses import dataclass, field, replace
 
 from .inference import Segmentation
-from .merging import AdaptiveSettings, MergePlan, one_hot, plan_statistics, probe_batch_size
+from .merging import MergePlan, one_hot, plan_statistics
 from .methods import METHODS, MergeMethod, PlanContext
 from .pipeline import Case, site_probe_outputs
+from .probe import probe_batch_size
 from .progress import Progress
+from .settings import MergeSettings
 
 
 @dataclass
@@ -50,11 +52,11 @@ def _timed(function):
 
 def compare_methods(
     case: Case,
-    settings: AdaptiveSettings = AdaptiveSettings(),
+    settings: MergeSettings = MergeSettings(),
     probe_patches: int = 8,
     probe_size=None,
     progress: Progress | None = None,
-    variants: dict[str, AdaptiveSettings] | None = None,
+    variants: dict[str, MergeSettings] | None = None,
 ) -> Comparison:
     """Run each site model alone, the mean merge, the entropy-adaptive merge with and without a
     decoupled head, the ensemble, the entropy-selected model and (with a reference) the oracle.

@@ -22,9 +22,9 @@ def intensity_fingerprint(image: torch.Tensor) -> list[float]:
     """Quantiles ``QUANTILES`` of the voxels inside the body of one normalised image channel.
 
     ``image``: (X, Y, Z) or (P, X, Y, Z) model-space intensities (the first input channel); the body
-    is found per volume or patch with ``merging.body_mask``. Returns len(QUANTILES) floats.
+    is found per volume or patch with ``probe.body_mask``. Returns len(QUANTILES) floats.
     """
-    from .merging import body_mask
+    from .probe import body_mask
 
     volumes = image.float() if image.ndim == 4 else image.float()[None]
     inside = torch.cat([volume[body_mask(volume)] for volume in volumes])

@@ -23,11 +23,12 @@ import numpy as np  # noqa: E402
 from .artefact import merged_model_card  # noqa: E402
 from .entropy import probe_statistics  # noqa: E402
 from .errors import UserInputError  # noqa: E402
-from .merging import Probe, interpolate, probe_batch_size, probe_probabilities  # noqa: E402
 from .models import save_site_model  # noqa: E402
 from .outputs import OutputFolder  # noqa: E402
 from .pipeline import Case, RunOptions, Timings, input_paths, load_case, plan_merge  # noqa: E402
+from .probe import Probe, probe_batch_size, probe_probabilities  # noqa: E402
 from .progress import Progress  # noqa: E402
+from .weights import interpolate  # noqa: E402
 
 STATISTICS = ("entropy", "foreground_entropy", "balanced_entropy", "foreground_fraction")
 

@@ -20,10 +20,10 @@ class PlanContext:
     the probe and the site models' softmax outputs on it (K x (P, C, X, Y, Z))."""
 
     models: list  # SiteModel
-    settings: Any  # merging.AdaptiveSettings (statistic, temperatures, head decoupling)
+    settings: Any  # settings.MergeSettings (statistic, temperatures, head decoupling)
     device: Any  # torch.device
     single_model: Optional[str] = None  # --single-model
-    probe: Any = None  # merging.Probe
+    probe: Any = None  # probe.Probe
     outputs: Optional[list] = None
     batch_size: int = 2
 

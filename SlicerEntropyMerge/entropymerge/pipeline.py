@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import math
 import platform
 import time
 from dataclasses import dataclass, field, replace
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .adaptation import AdaptationSettings, adapt
+from .adaptation import adapt
 from .artefact import check_model_folder, merged_model_card, write_model_artefact
 from .entropy import predicted_labels
 from .errors import UserInputError
@@ -35,27 +34,17 @@ from .inference import (
     round_up,
     segmentation_from_probabilities,
 )
-from .merging import (
-    STATISTICS,
-    AdaptiveSettings,
-    MergePlan,
-    Probe,
-    one_hot,
-    plan_statistics,
-    probe_batch_size,
-    probe_probabilities,
-    select_probe,
-    site_scores,
-    statistic_coefficients,
-)
+from .merging import STATISTICS, MergePlan, one_hot, plan_statistics, site_scores, statistic_coefficients
 from .methods import PlanContext, get_method
 from .metrics import evaluate
 from .modelcard import InferenceSettings, ModelCard
 from .models import SiteModel, check_compatible, check_runs, expand_model_paths, load_site_models, model_files
 from .outputs import OutputFolder, safe_file_stem
 from .preprocessing import ModelSpaceImage, labels_to_model_space, to_model_space
+from .probe import Probe, default_probe_size, probe_batch_size, probe_probabilities, select_probe
 from .progress import Progress
 from .ranking import LabelSource, Taps, find_taps, rank_models, scribble_labels, tapped_pass
+from .settings import AdaptationSettings, MergeSettings
 from .validation import physical_memory_bytes
 from .volume import Geometry, Volume, detached_data_files, read_label_map, read_volume
 
@@ -74,7 +63,7 @@ class RunOptions:
     temperature: float = DEFAULT_TEMPERATURE
     head_temperature: float | None = None
     decouple_head: bool = True
-    statistic: str = AdaptiveSettings.statistic
+    statistic: str = MergeSettings.statistic
     refine: bool = False
     batchnorm: str = "merge"
     probe: str = "patches"
@@ -108,15 +97,9 @@ class RunOptions:
     memory_limit_gb: float | None = None  # refuse runs estimated to need more (default: this computer's memory)
     save_model: Path | None = None  # folder for the network that segmented the volume (safetensors + model card)
 
-    def adaptive_settings(self) -> AdaptiveSettings:
-        return AdaptiveSettings(
-            temperature=self.temperature,
-            head_temperature=self.head_temperature if self.head_temperature is not None else self.temperature,
-            decouple_head=self.decouple_head,
-            statistic=self.statistic,
-            refine=self.refine,
-            batchnorm=self.batchnorm,
-        )
+    def merge_settings(self) -> MergeSettings:
+        return MergeSettings(self.method, self.single_model, self.temperature, self.head_temperature, self.decouple_head,
+                             self.statistic, self.refine, self.batchnorm)
 
     def adaptation_settings(self) -> AdaptationSettings:
         return AdaptationSettings(self.adapt, self.adapt_steps, self.adapt_lr, self.seed, reliable_below=self.adapt_reliable,
@@ -353,19 +336,12 @@ def plan_merge(case: Case, options: RunOptions, progress: Progress, timings: Tim
         progress.stage("merge", f"{method.label}: every site model runs on the whole volume")
         return MergePlan(method.name, None), probe_run
     progress.stage("merge", f"{method.label} of {len(models)} site models")
-    context = PlanContext(models, options.adaptive_settings(), case.device, options.single_model)
+    context = PlanContext(models, options.merge_settings(), case.device, options.single_model)
     if probe_run is not None:
         context.probe, context.outputs = probe_run.probe, probe_run.outputs
         context.batch_size = probe_batch_size(probe_run.probe, case.settings.roi_size)
     with timings.measure("merge") if method.uses_probe else contextlib.nullcontext():
         return method.plan(context), probe_run
-
-
-def default_probe_size(roi_size, multiple=(1, 1, 1)) -> tuple[int, int, int]:
-    """Half the ROI per axis, kept a multiple of 16 and of the network's size multiple (and at least that):
-    about one window per model for 8 patches."""
-    steps = [math.lcm(16, int(m)) for m in multiple]
-    return tuple(max(step, (r // 2) // step * step) for r, step in zip(roi_size, steps))
 
 
 def run(options: RunOptions, progress: Progress | None = None) -> dict:

@@ -25,8 +25,9 @@ import torch.nn.functional as F
 
 from .entropy import predicted_labels
 from .errors import UserInputError
-from .merging import Probe, crop_patches, detect_head, probe_batch_size
+from .head import detect_head
 from .models import SiteModel
+from .probe import Probe, crop_patches, probe_batch_size
 from .transferability import (
     UNLABELLED,
     decoder_stage_weights,
