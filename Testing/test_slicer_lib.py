@@ -12,15 +12,17 @@ import pytest
 slicer = pytest.importorskip("slicer", reason="the slicer-core wheel (test extra) provides the MRML scene")
 import slicer.util  # noqa: E402, F811
 
+from entropymerge.errors import UserInputError  # noqa: E402
 from entropymerge.modelcard import DEFAULT_COLORS  # noqa: E402
 from entropymerge.models import load_site_model  # noqa: E402
+from entropymerge.summary import read_summary  # noqa: E402
 from entropymerge.volume import read_volume  # noqa: E402
 from slicer_scene import LABEL_NAMES, new_scene, node_matrix, oblique_lps_matrix, segmentation_labels, translation_transform, volume_node  # noqa: E402
 from slicer_scene import converters as converters  # noqa: E402 (a fixture: the alias marks it as used)
 from slicer_scene import run as run  # noqa: E402 (a fixture: the alias marks it as used)
 from SlicerEntropyMergeLib import results as lib_results  # noqa: E402
 from SlicerEntropyMergeLib import scene as lib_scene  # noqa: E402
-from SlicerEntropyMergeLib.engine import RunRequest, read_summary  # noqa: E402
+from SlicerEntropyMergeLib.engine import RunRequest  # noqa: E402
 from SlicerEntropyMergeLib.job import abandon_run, save_merged_model, start_run  # noqa: E402
 
 
@@ -41,8 +43,8 @@ def test_reference_segments_are_written_by_name_on_the_volume_grid(run):
 
 def test_the_run_used_the_reference_and_cleaned_its_work_folder(run):
     summary = read_summary(run["out"])
-    assert summary["evaluation"]["classes_in_reference"] == LABEL_NAMES[1:]
-    assert summary["ranking"]["label_source"] == "reference"
+    assert summary.evaluation.classes_in_reference == LABEL_NAMES[1:]
+    assert summary.ranking.label_source == "reference"
     assert not run["job"].work.exists()
 
 
@@ -119,15 +121,15 @@ def test_coefficient_and_dice_tables_match_the_summary(run):
     coefficients = run["results"].coefficients
     assert table_column(coefficients, "model") == ["north", "south"]
     np.testing.assert_allclose(table_column(coefficients, "body alpha"),
-                               [summary["coefficients"]["body"][m] for m in ("north", "south")])
+                               [summary.coefficients.body[m] for m in ("north", "south")])
     np.testing.assert_allclose(table_column(coefficients, "head beta"),
-                               [summary["coefficients"]["head"][m] for m in ("north", "south")])
+                               [summary.coefficients.head[m] for m in ("north", "south")])
     assert sum(table_column(coefficients, "body alpha")) == pytest.approx(1.0, abs=1e-5)
     dice = run["results"].dice
     assert table_column(dice, "class") == ["structure 1", "structure 2", "mean"]
     np.testing.assert_allclose(table_column(dice, "Dice")[:2],
-                               [summary["evaluation"]["per_class"][c]["dice"] for c in LABEL_NAMES[1:]])
-    np.testing.assert_allclose(table_column(dice, "Dice south")[-1], summary["per_model"]["south"]["evaluation"]["mean_dice"])
+                               [summary.evaluation.per_class[c].dice for c in LABEL_NAMES[1:]])
+    np.testing.assert_allclose(table_column(dice, "Dice south")[-1], summary.per_model["south"].evaluation.mean_dice)
 
 
 
@@ -178,7 +180,7 @@ def test_a_second_run_on_a_transformed_volume_lands_on_the_volume(run, converter
 
 
 
-def test_a_failing_import_leaves_no_half_made_nodes(run, tmp_path):
+def test_a_failing_import_leaves_no_half_made_nodes_and_an_unreadable_summary_says_why(run, tmp_path):
     scene = new_scene()
     volume = volume_node(scene, run["image"], oblique_lps_matrix())
     broken = tmp_path / "out"
@@ -186,6 +188,13 @@ def test_a_failing_import_leaves_no_half_made_nodes(run, tmp_path):
     (broken / "ranking.csv").unlink()
     before = scene.GetNumberOfNodes()
     with pytest.raises(FileNotFoundError):
+        lib_results.import_results(scene, volume, broken)
+    assert scene.GetNumberOfNodes() == before
+    (broken / "summary.json").unlink()
+    with pytest.raises(UserInputError, match="holds no finished run"):
+        lib_results.import_results(scene, volume, broken)
+    (broken / "summary.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(UserInputError, match="summary.json is not a complete run summary: the key 'entropymerge_version' is missing"):
         lib_results.import_results(scene, volume, broken)
     assert scene.GetNumberOfNodes() == before
 
@@ -197,7 +206,7 @@ def test_the_merged_model_is_kept_after_the_run_and_saved_without_overwriting(ru
     card = save_merged_model(model, tmp_path / "saved")
     saved = load_site_model(card)
     assert saved.card.training["method"] == "adaptive" and [s["name"] for s in saved.card.training["sources"]] == ["north", "south"]
-    assert saved.card.training["coefficients"]["body"] == pytest.approx(read_summary(run["out"])["coefficients"]["body"], abs=1e-6)
+    assert saved.card.training["coefficients"]["body"] == pytest.approx(read_summary(run["out"]).coefficients.body, abs=1e-6)
     assert (tmp_path / "saved" / saved.card.weights).is_file()
     with pytest.raises(ValueError, match="already exists; choose another folder"):
         save_merged_model(model, tmp_path / "saved")

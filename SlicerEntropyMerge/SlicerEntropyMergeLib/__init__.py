@@ -1,7 +1,7 @@
 """Slicer-free helpers of the SlicerEntropyMerge module (MRML, no Qt).
 
 - ``process``: the engine as a background process (JSON-lines progress, cancel kills the tree);
-- ``engine``: the engine's command line (run, models) and its output folder;
+- ``engine``: the engine's command line (run, models) and what the model check reports;
 - ``scene``: volume and label map nodes out to files (and back);
 - ``results``: a finished run's outputs into the scene as result nodes;
 - ``tables``: the coefficient, Dice and ranking tables of a run;

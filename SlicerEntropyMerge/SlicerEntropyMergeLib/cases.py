@@ -37,7 +37,7 @@ def results_folder(case: Path) -> Path:
 
 def has_reusable_results(case: Path, options: list[str]) -> bool:
     """True when the case's results folder holds a complete run made with ``options``."""
-    from entropymerge.outputs import SUMMARY_NAME
+    from entropymerge.summary import SUMMARY_NAME
 
     folder = results_folder(case)
     request = folder / REQUEST_NAME

@@ -1,8 +1,8 @@
-"""The engine's command line as the Slicer module calls it, and the engine's outputs as it reads them.
+"""The engine's command line as the Slicer module calls it, and what the model check reports.
 
 Nothing here re-implements the engine: a run is ``python -m entropymerge run ... --progress json``
-in a background process (``process.EngineProcess``), model checks are ``entropymerge models --json``,
-and results are read from the output folder the engine wrote.
+in a background process (``process.EngineProcess``) and model checks are ``entropymerge models --json``;
+the run's summary is read through ``entropymerge.summary``.
 """
 
 from __future__ import annotations
@@ -148,13 +148,3 @@ class ModelReport:
     def labels(self) -> list[dict]:
         """The labels of the (first) usable model: what reference segments must be named after."""
         return next((entry["labels"] for entry in self.models if entry["compatible"]), [])
-
-
-def read_summary(folder: str | Path) -> dict:
-    """A finished run's ``summary.json``, with ``outputs`` as absolute paths."""
-    from entropymerge.outputs import SUMMARY_NAME
-
-    folder = Path(folder)
-    summary = json.loads((folder / SUMMARY_NAME).read_text(encoding="utf-8"))
-    summary["outputs"] = {key: str(folder / name) for key, name in summary["outputs"].items()}
-    return summary

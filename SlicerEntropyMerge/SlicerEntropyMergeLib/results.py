@@ -14,8 +14,9 @@ import numpy as np
 import slicer
 import vtk
 
+from entropymerge.summary import LabelRecord, output_key, read_summary
+
 from . import tr as _
-from .engine import read_summary
 from .scene import ROLE, SOURCE, find_node, read_volume_node
 from .tables import coefficient_rows, csv_rows, describe_ranking_columns, dice_rows, fill_table, question_title
 
@@ -64,33 +65,33 @@ def import_results(scene, volume, run_folder: str | Path, segmentation=None, ent
 
     ``segmentation`` receives the merged segmentation (a new node when ``None``); ``entropy``
     imports the entropy map(s). Per-model outputs, coefficients, Dice and ranking are imported when
-    the run holds them. If anything fails, the nodes made here are removed before the error is raised.
+    the run holds them. If anything fails, the nodes made here are removed before the error is raised;
+    a folder without a readable run summary raises ``UserInputError`` saying why.
     """
     summary = read_summary(run_folder)
-    outputs = summary["outputs"]
-    labels = summary["labels"]
+    outputs = summary.outputs
+    labels = summary.labels
     name = volume.GetName()
     build = _ResultBuilder(scene, volume)
     try:
         results = ImportedResults(build.node("vtkMRMLSegmentationNode", "segmentation", _("{volume} segmentation").format(volume=name),
                                              segmentation))
-        fill_segmentation(scene, results.segmentation, outputs["segmentation"], labels, volume)
+        fill_segmentation(scene, results.segmentation, outputs[output_key("segmentation")], labels, volume)
         if entropy:
             results.entropy = build.node("vtkMRMLScalarVolumeNode", "entropy", _("{volume} entropy").format(volume=name))
-            fill_entropy(scene, results.entropy, outputs["entropy"])
-        for model in summary["models"]:
-            model_name = model["name"]
-            if f"segmentation_{model_name}" not in outputs:
+            fill_entropy(scene, results.entropy, outputs[output_key("entropy")])
+        for model_name in summary.model_names:
+            if output_key("segmentation", model_name) not in outputs:
                 continue
             node = build.node("vtkMRMLSegmentationNode", f"segmentation:{model_name}",
                               _("{volume} segmentation {model}").format(volume=name, model=model_name))
-            fill_segmentation(scene, node, outputs[f"segmentation_{model_name}"], labels, volume)
+            fill_segmentation(scene, node, outputs[output_key("segmentation", model_name)], labels, volume)
             node.GetDisplayNode().SetVisibility(False)
             results.model_segmentations[model_name] = node
             if entropy:
                 node = build.node("vtkMRMLScalarVolumeNode", f"entropy:{model_name}",
                                   _("{volume} entropy {model}").format(volume=name, model=model_name))
-                fill_entropy(scene, node, outputs[f"entropy_{model_name}"])
+                fill_entropy(scene, node, outputs[output_key("entropy", model_name)])
                 results.model_entropies[model_name] = node
         coefficients = coefficient_rows(summary)
         if coefficients:
@@ -103,9 +104,10 @@ def import_results(scene, volume, run_folder: str | Path, segmentation=None, ent
         if "ranking_csv" in outputs:
             results.ranking = build.node("vtkMRMLTableNode", "ranking", _("{volume} ranking").format(volume=name))
             fill_table(results.ranking, *csv_rows(outputs["ranking_csv"]))
-            columns = (summary.get("ranking") or {}).get("columns") or []
+            columns = summary.ranking.columns if summary.ranking else []
             describe_ranking_columns(results.ranking, columns)
-            results.ranking_chart = ranking_chart(build, results.ranking, name, columns, (summary.get("ranking") or {}).get("as_is_basis"))
+            as_is_basis = summary.ranking.as_is_basis if summary.ranking else None
+            results.ranking_chart = ranking_chart(build, results.ranking, name, columns, as_is_basis)
         for node in build.touched:
             _follow_volume(node, volume)
         place_in_study(scene, volume, build.touched)
@@ -115,7 +117,7 @@ def import_results(scene, volume, run_folder: str | Path, segmentation=None, ent
     return results
 
 
-def fill_segmentation(scene, segmentation, labels_path: str, labels: list[dict], volume) -> None:
+def fill_segmentation(scene, segmentation, labels_path: str, labels: list[LabelRecord], volume) -> None:
     """One named, coloured segment per foreground label, from the engine's label map, on ``volume``'s grid.
 
     Segments are replaced in place, so a segmentation reused for another run keeps its node and
@@ -128,8 +130,8 @@ def fill_segmentation(scene, segmentation, labels_path: str, labels: list[dict],
     contents = segmentation.GetSegmentation()
     contents.RemoveAllSegments()
     segment_ids = vtk.vtkStringArray()  # entry v-1 receives label value v
-    for label in sorted(labels, key=lambda item: item["value"])[1:]:
-        segment_ids.InsertNextValue(contents.AddEmptySegment(label["name"], label["name"], _rgb(label["color"])))
+    for label in sorted(labels, key=lambda item: item.value)[1:]:
+        segment_ids.InsertNextValue(contents.AddEmptySegment(label.name, label.name, _rgb(label.color)))
     label_map = read_volume_node(scene, labels_path, "vtkMRMLLabelMapVolumeNode")
     _follow_volume(label_map, volume)  # the engine's labels are on the volume's grid: in its transform, like the segmentation
     try:

@@ -8,43 +8,44 @@ import math
 
 import vtk
 
+from entropymerge.summary import RunSummary
+
 from . import tr as _
 
 
-def coefficient_rows(summary: dict) -> tuple[list[str], list[dict]] | None:
+def coefficient_rows(summary: RunSummary) -> tuple[list[str], list[dict]] | None:
     """Columns and rows of the merging coefficients (``None`` for a method without coefficients)."""
-    body, head = summary["coefficients"]["body"], summary["coefficients"]["head"]
+    body, head = summary.coefficients.body, summary.coefficients.head
     if body is None:
         return None
-    statistic = summary.get("merge_details", {}).get("statistic")
-    uncertainty = (summary.get("probe_statistics") or {}).get(statistic) if statistic else None
+    statistic = summary.merge_details.get("statistic")
+    uncertainty = (summary.probe_statistics or {}).get(statistic) if statistic else None
     columns = ["model", "site", "body alpha", "head beta"] + ([f"H ({statistic})"] if uncertainty else [])
     rows = []
-    for model in summary["models"]:
-        row = {"model": model["name"], "site": model.get("site") or "", "body alpha": body[model["name"]],
-               "head beta": head[model["name"]]}
+    for model in summary.models:
+        row = {"model": model.name, "site": model.site or "", "body alpha": body[model.name], "head beta": head[model.name]}
         if uncertainty:
-            row[f"H ({statistic})"] = uncertainty[model["name"]]
+            row[f"H ({statistic})"] = uncertainty[model.name]
         rows.append(row)
     return columns, rows
 
 
-def dice_rows(summary: dict) -> tuple[list[str], list[dict]] | None:
+def dice_rows(summary: RunSummary) -> tuple[list[str], list[dict]] | None:
     """Dice and HD95 per class against the reference: the merged model, then each site model run in full."""
-    evaluation = summary.get("evaluation")
-    if not evaluation:
+    evaluation = summary.evaluation
+    if evaluation is None:
         return None
-    per_model = {name: entry["evaluation"] for name, entry in (summary.get("per_model") or {}).items() if entry.get("evaluation")}
+    per_model = {name: entry.evaluation for name, entry in (summary.per_model or {}).items() if entry.evaluation}
     columns = ["class", "Dice", "HD95 (mm)"] + [f"Dice {name}" for name in per_model]
     rows = []
-    for label, scores in evaluation["per_class"].items():
-        row = {"class": label, "Dice": scores["dice"], "HD95 (mm)": scores["hd95_mm"]}
+    for label, scores in evaluation.per_class.items():
+        row = {"class": label, "Dice": scores.dice, "HD95 (mm)": scores.hd95_mm}
         for name, model_evaluation in per_model.items():
-            row[f"Dice {name}"] = model_evaluation["per_class"][label]["dice"]
+            row[f"Dice {name}"] = model_evaluation.per_class[label].dice
         rows.append(row)
-    mean = {"class": "mean", "Dice": evaluation["mean_dice"], "HD95 (mm)": evaluation["mean_hd95_mm"]}
+    mean = {"class": "mean", "Dice": evaluation.mean_dice, "HD95 (mm)": evaluation.mean_hd95_mm}
     for name, model_evaluation in per_model.items():
-        mean[f"Dice {name}"] = model_evaluation["mean_dice"]
+        mean[f"Dice {name}"] = model_evaluation.mean_dice
     return columns, rows + [mean]
 
 
