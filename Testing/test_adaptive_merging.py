@@ -7,12 +7,13 @@ import torch
 from conftest import make_card
 from entropymerge.entropy import class_balanced_entropy, js_divergence_to_mean, probe_statistics
 from entropymerge.errors import UserInputError
-from entropymerge.head import detect_head
+from entropymerge.head import detect_head, head_probabilities
 from entropymerge.merging import adaptive_plan, softmax_coefficients
 from entropymerge.models import SiteModel, load_site_model
 from entropymerge.probe import apply_batchnorm_policy, body_mask, probe_probabilities, select_probe
 from entropymerge.safeconfig import build_network
 from entropymerge.settings import MergeSettings
+from entropymerge.weights import merged_network
 
 LAST_CONV = "model.2.1.conv.unit0.conv"  # the final conv of a MONAI UNet with residual units
 
@@ -152,6 +153,19 @@ def test_head_detection_on_a_monai_unet_and_card_override(base_model):
     assert override.module_name == "model.2.1" and all(k.startswith("model.2.1.") for k in override.keys)
     with pytest.raises(UserInputError, match="'head' names modules that do not exist: classifier"):
         detect_head(base_model.network, 3, ("classifier",))
+
+
+def test_each_head_on_a_one_hot_body_is_that_model_whatever_the_batch_size(model_factory):
+    models = [load_site_model(model_factory(f"m{i}", seed=30 + i)) for i in range(2)]
+    probe = select_probe(phantom_probe_inputs(), (32, 32, 32), max_patches=3)
+    head = detect_head(models[0].network, models[0].card.num_classes)
+    body = merged_network(models, [1.0, 0.0])
+    alone = probe_probabilities(models[0].network, probe, torch.device("cpu"), batch_size=3)
+    for batch_size in (1, 2, 3):  # calling the head module fires the capturing hook too: no stale head input
+        heads = head_probabilities(body, head, models, probe, torch.device("cpu"), batch_size)
+        assert [h.shape for h in heads] == [alone.shape] * 2
+        torch.testing.assert_close(heads[0], alone)
+        assert not torch.allclose(heads[1], alone), "the other head gives other outputs on the same features"
 
 
 def test_head_detection_on_other_monai_networks():

@@ -27,7 +27,7 @@ import torch
 from .entropy import class_balanced_weights, normalized_entropy, predicted_labels
 from .errors import UserInputError
 from .inference import autocast
-from .probe import Probe, apply_batchnorm_policy
+from .probe import Probe, apply_batchnorm_policy, patch_batches
 from .progress import Progress
 from .settings import AdaptationSettings
 
@@ -198,7 +198,7 @@ def adapt(
         norm.train()
     result = AdaptationResult(settings.method, sum(p.numel() for p in parameters), identity_affines)
     optimizer = torch.optim.Adam(parameters, lr=settings.learning_rate)
-    batches = [probe.patches[start : start + batch_size] for start in range(0, probe.patches.shape[0], batch_size)]
+    batches = patch_batches(probe.patches, batch_size)
     with _deterministic(settings.seed, device):
         counts, in_loss = _predicted_counts(adapted, batches, device, settings.reliable_below)
         result.proportions.append((counts / counts.sum()).numpy())

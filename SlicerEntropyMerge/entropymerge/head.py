@@ -13,9 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from .errors import UserInputError
-from .inference import autocast
 from .models import SiteModel
-from .probe import Probe
+from .probe import Probe, batched_forward, softmax_on_cpu
 
 
 @dataclass(frozen=True)
@@ -107,17 +106,16 @@ def head_probabilities(body_network: torch.nn.Module, head: Head, models: Sequen
     head_module = dict(network.named_modules())[head.module_name]
     captured: list[tuple] = []
     handle = head_module.register_forward_pre_hook(lambda module, args: captured.append(args))
-    outputs: list[list[torch.Tensor]] = [[] for _ in models]
     start_length = len(head.module_name) + 1
     head_states = [{k[start_length:]: v.to(device) for k, v in m.state_dict().items() if k in head.keys} for m in models]
+
+    def every_head(_body_logits: torch.Tensor) -> list[torch.Tensor]:
+        outputs = [softmax_on_cpu(functional_call(head_module, state, captured[0])) for state in head_states]
+        captured.clear()  # after the heads: calling the head module fires the hook too
+        return outputs
+
     try:
-        with torch.inference_mode(), autocast(device):
-            for start in range(0, probe.patches.shape[0], batch_size):
-                captured.clear()
-                network(probe.patches[start : start + batch_size].to(device))
-                for k, state in enumerate(head_states):
-                    logits = functional_call(head_module, state, captured[0])
-                    outputs[k].append(torch.softmax(logits.float(), dim=1).cpu())
+        per_batch = batched_forward(network, probe.patches, device, batch_size, every_head)
     finally:
         handle.remove()
-    return [torch.cat(o) for o in outputs]
+    return [torch.cat([batch[k] for batch in per_batch]) for k in range(len(models))]

@@ -8,7 +8,9 @@ there drive the merge coefficients, and the ranking reads features on the same p
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -194,13 +196,47 @@ def probe_probabilities(network: torch.nn.Module, probe: Probe, device: torch.de
     Returns:
         (P, C, X, Y, Z) float32 probabilities on the CPU.
     """
+    return torch.cat(batched_forward(network, probe.patches, device, batch_size))
+
+
+def patch_batches(patches: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Consecutive batches of patches, in their order (the last one may be smaller).
+
+    Args:
+        patches: (P, C, X, Y, Z) patches.
+        batch_size: the most patches per batch.
+
+    Returns:
+        Views of ``patches``, each (B, C, X, Y, Z) with B <= ``batch_size``, where ``patches`` are.
+    """
+    return [patches[start : start + batch_size] for start in range(0, patches.shape[0], batch_size)]
+
+
+def softmax_on_cpu(logits: torch.Tensor) -> torch.Tensor:
+    """Class probabilities of (B, C, X, Y, Z) logits: (B, C, X, Y, Z) float32 on the CPU."""
+    return torch.softmax(logits.float(), dim=1).cpu()
+
+
+def batched_forward(network: torch.nn.Module, patches: torch.Tensor, device: torch.device, batch_size: int,
+                    collect: Callable[[torch.Tensor], Any] = softmax_on_cpu) -> list:
+    """The one forward pass over patches, batch by batch, in inference mode with autocast on ``device``.
+
+    Forward hooks on ``network`` see the batches in order, and ``collect`` runs inside the same
+    inference and autocast context, right after each batch's forward pass.
+
+    Args:
+        network: the network (moved to ``device`` and put in eval mode).
+        patches: (P, C_in, X, Y, Z) input patches, on any device.
+        device: where the network runs.
+        batch_size: patches per forward pass (``patch_batches``).
+        collect: what to keep of each batch's (B, C, X, Y, Z) logits; default: the probabilities on the CPU.
+
+    Returns:
+        ``collect``'s result per batch, in the order of the patches.
+    """
     network = network.to(device).eval()
-    outputs = []
     with torch.inference_mode(), autocast(device):
-        for start in range(0, probe.patches.shape[0], batch_size):
-            logits = network(probe.patches[start : start + batch_size].to(device))
-            outputs.append(torch.softmax(logits.float(), dim=1).cpu())
-    return torch.cat(outputs)
+        return [collect(network(batch.to(device))) for batch in patch_batches(patches, batch_size)]
 
 
 def apply_batchnorm_policy(network: torch.nn.Module, probe: Probe, policy: str, device: torch.device, batch_size: int = 2) -> None:
@@ -226,7 +262,7 @@ def apply_batchnorm_policy(network: torch.nn.Module, probe: Probe, policy: str, 
         norm.reset_running_stats()
         norm.momentum = None  # cumulative average over the probe batches
         norm.train()
-    with torch.no_grad():
-        for start in range(0, probe.patches.shape[0], batch_size):
-            network(probe.patches[start : start + batch_size].to(device))
+    with torch.no_grad():  # training-mode batch norms and no autocast: not ``batched_forward``
+        for batch in patch_batches(probe.patches, batch_size):
+            network(batch.to(device))
     network.eval()

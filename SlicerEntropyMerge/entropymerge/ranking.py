@@ -27,7 +27,7 @@ from .entropy import predicted_labels
 from .errors import UserInputError
 from .head import detect_head
 from .models import SiteModel
-from .probe import Probe, crop_patches, probe_batch_size
+from .probe import Probe, batched_forward, crop_patches, probe_batch_size
 from .transferability import (
     UNLABELLED,
     decoder_stage_weights,
@@ -171,8 +171,6 @@ class TappedOutputs:
 
 def tapped_pass(network: torch.nn.Module, patches: torch.Tensor, taps: Taps, device: torch.device, batch_size: int) -> TappedOutputs:
     """One forward pass over the patches recording every tap (hooks removed afterwards)."""
-    from .inference import autocast
-
     modules = dict(network.named_modules())
     parts: dict[tuple[str, Tap], list[torch.Tensor]] = {}
     handles = []
@@ -183,17 +181,12 @@ def tapped_pass(network: torch.nn.Module, patches: torch.Tensor, taps: Taps, dev
                 handles.append(modules[tap.module].register_forward_pre_hook(lambda m, args, store=store: store.append(args[0].float().cpu())))
             else:
                 handles.append(modules[tap.module].register_forward_hook(lambda m, args, out, store=store: store.append(out.float().cpu())))
-    outputs = []
-    network = network.to(device).eval()
     try:
-        with torch.inference_mode(), autocast(device):
-            for start in range(0, patches.shape[0], batch_size):
-                logits = network(patches[start : start + batch_size].to(device))
-                outputs.append(torch.softmax(logits.float(), dim=1).cpu())
+        probabilities = torch.cat(batched_forward(network, patches, device, batch_size))
     finally:
         for handle in handles:
             handle.remove()
-    return TappedOutputs(torch.cat(outputs), [torch.cat(parts[("decoder", t)]) for t in taps.decoder],
+    return TappedOutputs(probabilities, [torch.cat(parts[("decoder", t)]) for t in taps.decoder],
                          [torch.cat(parts[("encoder", t)]) for t in taps.encoder])
 
 
