@@ -38,7 +38,6 @@ class Comparison:
     results: list[MethodResult] = field(default_factory=list)
     statistics: dict | None = None
     probe: dict | None = None
-    shared_seconds: dict = field(default_factory=dict)
 
     def get(self, key: str) -> MethodResult:
         return next(r for r in self.results if r.key == key)

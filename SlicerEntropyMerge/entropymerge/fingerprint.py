@@ -21,8 +21,14 @@ FINGERPRINT_KEY = "intensity_fingerprint"
 def intensity_fingerprint(image: torch.Tensor) -> list[float]:
     """Quantiles ``QUANTILES`` of the voxels inside the body of one normalised image channel.
 
-    ``image``: (X, Y, Z) or (P, X, Y, Z) model-space intensities (the first input channel); the body
-    is found per volume or patch with ``probe.body_mask``. Returns len(QUANTILES) floats.
+    Args:
+        image: (X, Y, Z) or (P, X, Y, Z) model-space intensities (the first input channel, after the
+            card's intensity normalisation); the body is found per volume or patch with
+            ``probe.body_mask``, and all voxels count when no body is found.
+
+    Returns:
+        ``len(QUANTILES)`` floats (normalised intensity units), rounded to 5 decimals; at most about
+        500 000 evenly strided voxels are used.
     """
     from .probe import body_mask
 
@@ -35,13 +41,28 @@ def intensity_fingerprint(image: torch.Tensor) -> list[float]:
 
 
 def mean_fingerprint(fingerprints: Sequence[Sequence[float]]) -> list[float]:
-    """The site's fingerprint: the mean over its training cases, per quantile."""
+    """The site's fingerprint: the mean over its training cases, per quantile.
+
+    Args:
+        fingerprints: one ``intensity_fingerprint`` per training case, all of the same length Q.
+
+    Returns:
+        Q floats, rounded to 5 decimals.
+    """
     return [round(float(v), 5) for v in np.mean(np.asarray(fingerprints, dtype=np.float64), axis=0)]
 
 
 def fingerprint_distances(training: Sequence[dict], target: Sequence[float]) -> list[float] | None:
-    """Per model, the mean absolute difference between its training fingerprint and the target's
-    (normalised intensity units); None when a model's card has no fingerprint."""
+    """Per model, the mean absolute difference between its training fingerprint and the target's.
+
+    Args:
+        training: the ``training`` record of each model's card (K dicts).
+        target: the target probe's ``intensity_fingerprint`` (Q floats).
+
+    Returns:
+        K distances in normalised intensity units; None when any card has no fingerprint, or one of
+        another length.
+    """
     stored = [entry.get(FINGERPRINT_KEY) for entry in training]
     if any(s is None or len(s) != len(target) for s in stored):
         return None

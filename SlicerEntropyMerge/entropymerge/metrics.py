@@ -14,14 +14,33 @@ from .modelcard import Label
 
 
 def dice(prediction: np.ndarray, reference: np.ndarray, value: int) -> float | None:
-    """Dice of one label; None when the label is in neither map."""
+    """Dice overlap of one label between two label maps.
+
+    Args:
+        prediction: integer label map, any shape (e.g. (I, J, K)).
+        reference: integer label map of the same shape.
+        value: the label value to compare.
+
+    Returns:
+        2 |P & R| / (|P| + |R|) in [0, 1]; None when the label is in neither map.
+    """
     predicted, truth = prediction == value, reference == value
     total = int(predicted.sum()) + int(truth.sum())
     return None if total == 0 else 2.0 * int((predicted & truth).sum()) / total
 
 
 def hd95_mm(prediction: np.ndarray, reference: np.ndarray, value: int, spacing: Sequence[float]) -> float | None:
-    """95th-percentile symmetric surface distance in mm; None when either map lacks the label."""
+    """95th-percentile symmetric Hausdorff distance of one label (MONAI's ``compute_hausdorff_distance``).
+
+    Args:
+        prediction: (I, J, K) integer label map.
+        reference: (I, J, K) integer label map on the same grid.
+        value: the label value to compare.
+        spacing: voxel spacing in mm along i, j, k.
+
+    Returns:
+        The distance in mm; None when either map lacks the label or the distance is not finite.
+    """
     predicted, truth = prediction == value, reference == value
     if not predicted.any() or not truth.any():
         return None
@@ -36,7 +55,20 @@ def hd95_mm(prediction: np.ndarray, reference: np.ndarray, value: int, spacing: 
 
 
 def evaluate(prediction: np.ndarray, reference: np.ndarray, labels: Sequence[Label], spacing: Sequence[float]) -> dict:
-    """Dice and HD95 per foreground label, and their means over the labels present in the reference."""
+    """Dice and HD95 per foreground label, and their means over the labels present in the reference.
+
+    Args:
+        prediction: (I, J, K) integer label map.
+        reference: (I, J, K) integer label map on the same grid.
+        labels: the model's labels, background first (``labels[0]`` is not scored).
+        spacing: voxel spacing in mm along i, j, k.
+
+    Returns:
+        ``{"per_class": {name: {"dice", "hd95_mm", "in_reference"}}, "mean_dice", "mean_hd95_mm",
+        "classes_in_reference"}``. ``mean_dice`` averages over the labels present in the reference
+        (a label the prediction misses counts 0); ``mean_hd95_mm`` over those with a finite
+        distance; both are None when no label is present.
+    """
     present = [label for label in labels[1:] if (reference == label.value).any()]
     per_class = {}
     for label in labels[1:]:

@@ -103,10 +103,6 @@ class ModelCard:
     def num_classes(self) -> int:
         return len(self.labels)
 
-    @property
-    def foreground_labels(self) -> tuple[Label, ...]:
-        return self.labels[1:]
-
     def to_json(self) -> dict:
         return {
             "format": CARD_FORMAT,

@@ -27,7 +27,12 @@ class Progress:
         self._cancelled = threading.Event()
 
     def plan(self, stages: Sequence[tuple[str, float]]) -> None:
-        """Declare the stages in order with their relative cost."""
+        """Declare the stages in order with their relative cost.
+
+        Args:
+            stages: (name, weight) pairs in running order; each stage gets weight / total of the bar
+                (all stages equal-weighted to nothing when the weights sum to 0).
+        """
         total = sum(weight for _, weight in stages) or 1.0
         start = 0.0
         self.stages = {}
@@ -36,10 +41,21 @@ class Progress:
             start += weight / total
 
     def stage(self, name: str, message: str = "") -> None:
+        """Enter stage ``name`` (declared with ``plan``) and report it at 0 % of the stage, with ``message`` or the name."""
         self.stage_name = name
         self.update(0.0, message or name)
 
     def update(self, stage_fraction: float, message: str = "") -> None:
+        """Report progress within the current stage.
+
+        Args:
+            stage_fraction: fraction of the current stage done, clamped to [0, 1]; the overall
+                fraction never moves backwards.
+            message: what is being done now, one line.
+
+        Raises:
+            Cancelled: ``cancel()`` was called (from any thread).
+        """
         self.check_cancelled()
         start, width = self.stages.get(self.stage_name, (self.fraction, 0.0))
         self.fraction = min(1.0, max(self.fraction, start + width * min(max(stage_fraction, 0.0), 1.0)))
@@ -52,16 +68,19 @@ class Progress:
         self._emit_log(level, message)
 
     def done(self, outputs: dict) -> None:
+        """Report the end of the run with its output files (key -> path)."""
         self.fraction = 1.0
         self._emit_done(outputs)
 
     def error(self, message: str, exit_code: int) -> None:
-        pass
+        """Report that the run failed with ``message`` and will exit with ``exit_code`` (an ``ExitCode``)."""
 
     def cancel(self) -> None:
+        """Ask the run to stop: the next ``update`` or ``check_cancelled`` raises ``Cancelled``. Thread-safe."""
         self._cancelled.set()
 
     def check_cancelled(self) -> None:
+        """Raise ``Cancelled`` when ``cancel()`` was called."""
         if self._cancelled.is_set():
             from .errors import Cancelled
 
@@ -126,7 +145,15 @@ class BarProgress(Progress):
 
 
 def make_progress(kind: str) -> Progress:
-    """``auto`` (a bar on a terminal, else silent), ``bar``, ``json`` or ``none``."""
+    """The reporter for a ``--progress`` choice.
+
+    Args:
+        kind: ``"auto"`` (a bar when stderr is a terminal, else notes only), ``"bar"``, ``"json"``
+            (JSON lines on stdout) or ``"none"`` (notes only, on stderr).
+
+    Returns:
+        A ``BarProgress``, ``JsonLinesProgress`` or plain ``Progress``.
+    """
     if kind == "json":
         return JsonLinesProgress()
     if kind == "bar" or (kind == "auto" and sys.stderr.isatty()):

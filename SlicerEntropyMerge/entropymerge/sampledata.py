@@ -21,7 +21,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from .errors import UserInputError
-from .samplefiles import SAMPLES, SampleTarget, bundled_models, bundled_targets  # noqa: F401 (the sample assets' paths, re-exported)
+from .samplefiles import bundled_models, bundled_targets  # noqa: F401 (the sample assets' paths, re-exported)
 from .volume import Geometry, Volume, write_volume
 
 TISSUES = ("air", "body", "fat", "bone", "kidney", "organ", "vessel", "lesion")

@@ -15,7 +15,17 @@ SAMPLES = Path(__file__).resolve().parent / "samples"
 
 
 def bundled_models(kind: str = "dropgen") -> Path:
-    """Folder of the bundled site models: ``dropgen`` (image + MIND-SSC features) or ``image-only``."""
+    """Folder of the bundled site models.
+
+    Args:
+        kind: ``"dropgen"`` (image + MIND-SSC feature channels) or ``"image-only"``.
+
+    Returns:
+        The folder holding the models' cards (``*.json``) and weights (``*.safetensors``).
+
+    Raises:
+        UserInputError: the folder is missing (an incomplete installation, or an unknown ``kind``).
+    """
     folder = SAMPLES / "models" / kind
     if not folder.is_dir():
         raise UserInputError(f"the bundled sample models ({kind}) are missing: {folder}")
@@ -24,13 +34,22 @@ def bundled_models(kind: str = "dropgen") -> Path:
 
 @dataclass(frozen=True)
 class SampleTarget:
+    """One bundled target volume of an unseen site: ``<name>_image.nii.gz`` and its ``<name>_labels.nii.gz``."""
+
     name: str
     image: Path
     labels: Path
 
 
 def bundled_targets() -> list[SampleTarget]:
-    """The bundled target volumes from unseen sites, with their ground truth."""
+    """The bundled target volumes from unseen sites, with their ground truth.
+
+    Returns:
+        One ``SampleTarget`` per ``samples/targets/*_image.nii.gz``, sorted by file name.
+
+    Raises:
+        UserInputError: there are no target volumes.
+    """
     images = sorted((SAMPLES / "targets").glob("*_image.nii.gz"))
     if not images:
         raise UserInputError(f"the bundled sample targets are missing: {SAMPLES / 'targets'}")

@@ -23,7 +23,7 @@ Scores (METHODS.md section 4), computed from features hooked inside each model a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
@@ -283,14 +283,3 @@ def decoder_stage_weights(count: int) -> np.ndarray:
 def encoder_stage_weights(count: int) -> np.ndarray:
     """LBTC's weights over ``count`` encoder stages (fine to coarse), centred at count / 2 (clipped to the last)."""
     return stage_weights(count, min(count / 2, count - 1), ENCODER_SIGMA)
-
-
-@dataclass
-class ModelScores:
-    name: str
-    grtd: float
-    grtd_per_class: dict
-    lbtc: float
-    logme: float
-    fused: float = 0.0
-    extra: dict = field(default_factory=dict)

@@ -27,7 +27,18 @@ _hook_installed = False
 
 
 def regular_file(path: Path, what: str) -> Path:
-    """``path`` if it is a regular file (a symlink to one is fine); FIFOs and devices would hang or never end."""
+    """``path`` if it is a regular file (a symlink to one is fine); FIFOs and devices would hang or never end.
+
+    Args:
+        path: the file to check.
+        what: how messages name it (e.g. ``"weights file"``).
+
+    Returns:
+        ``path`` unchanged.
+
+    Raises:
+        UserInputError: it does not exist, cannot be read, or is not a regular file.
+    """
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
@@ -40,7 +51,19 @@ def regular_file(path: Path, what: str) -> Path:
 
 
 def inside_folder(path: Path, folder: Path, what: str) -> Path:
-    """``path`` if it resolves (symlinks followed) inside ``folder``; a model may not reach files elsewhere."""
+    """``path`` if it resolves (symlinks followed) inside ``folder``; a model may not reach files elsewhere.
+
+    Args:
+        path: the file a model names.
+        folder: the model's own folder.
+        what: how messages name the file.
+
+    Returns:
+        ``path`` unchanged.
+
+    Raises:
+        UserInputError: it resolves outside ``folder``.
+    """
     resolved, root = path.resolve(), folder.resolve()
     if resolved != root and root not in resolved.parents:
         raise UserInputError(f"{what} {path} lies outside {folder}; a model's files must be inside its own folder")
@@ -48,7 +71,16 @@ def inside_folder(path: Path, folder: Path, what: str) -> Path:
 
 
 def fetching_arguments(network_class, arguments: dict) -> dict:
-    """The constructor arguments (given, or defaults) with which the network would fetch weights itself: name -> value."""
+    """The constructor arguments with which a network would fetch or read weights by itself.
+
+    Args:
+        network_class: the network class to be built.
+        arguments: the keyword arguments the config gives it.
+
+    Returns:
+        name -> value of each given or default argument whose name matches ``FETCHING_ARGUMENT`` and
+        whose value is set (not None, False, "" or 0); empty when the network fetches nothing.
+    """
     import inspect
 
     try:
@@ -65,7 +97,11 @@ def no_network(what: str):
     """Within this block any socket connection or URL request of this thread raises ``UserInputError``.
 
     A second line of defence behind the refusal of fetching arguments: loading a site model must
-    never reach the network, whatever library code it ends up in.
+    never reach the network, whatever library code it ends up in. Blocks nest; other threads are
+    not affected.
+
+    Args:
+        what: how the message names the culprit (e.g. ``"site model path/to/card.json"``).
     """
     global _hook_installed
     if not _hook_installed:
@@ -86,7 +122,7 @@ def _refuse_network(event: str, arguments) -> None:
 
 
 def physical_memory_bytes() -> float:
-    """This computer's memory in bytes (64 GiB where the system does not say)."""
+    """This computer's physical memory in bytes (64 GiB where the system does not say)."""
     try:
         return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     except (AttributeError, ValueError, OSError):
@@ -94,7 +130,15 @@ def physical_memory_bytes() -> float:
 
 
 def one_line(message: str, limit: int = 2000) -> str:
-    """``message`` as one printable line: line breaks become spaces, other control characters are escaped."""
+    """``message`` as one printable line: line breaks become spaces, other control characters are escaped.
+
+    Args:
+        message: any object; its ``str`` is used.
+        limit: the most characters returned; longer text is cut and ends with ``...``.
+
+    Returns:
+        The line, stripped.
+    """
     text = re.sub(r"\s*\n\s*", " ", str(message).strip())
     text = CONTROL_CHARACTERS.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), text)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -107,7 +151,16 @@ MAX_CONFIG_DEPTH = 100
 def read_config(path: Path, what: str):
     """Parse a JSON (or, for ``.yaml``/``.yml``, YAML with the safe loader) file of a site model, UTF-8.
 
-    Refuses non-regular files, files over ``MAX_CONFIG_BYTES`` and nesting deeper than ``MAX_CONFIG_DEPTH``.
+    Args:
+        path: the config file.
+        what: how messages name it (e.g. ``"model card"``).
+
+    Returns:
+        The parsed data (any JSON-like value).
+
+    Raises:
+        UserInputError: not a regular file, over ``MAX_CONFIG_BYTES`` bytes, nesting deeper than
+            ``MAX_CONFIG_DEPTH`` levels, not UTF-8, or not valid JSON/YAML.
     """
     import json
 

@@ -107,11 +107,6 @@ def is_label_map_name(name: str) -> bool:
     return parts is not None and parts[0].lower().endswith(LABEL_MAP_ENDINGS)
 
 
-def is_volume_path(path: Path) -> bool:
-    """True for a file with a supported volume suffix or a folder (DICOM series)."""
-    return path.is_dir() or path.name.lower().endswith(FILE_SUFFIXES)
-
-
 def read_volume(path: str | os.PathLike, what: str = "volume") -> Volume:
     """Read a 3D scalar volume from NIfTI, NRRD, MHA/MHD, or a folder holding one DICOM series.
 
