@@ -13,8 +13,8 @@ from monai.data import create_test_image_3d
 from conftest import shared_file
 from entropymerge.bundle import read_bundle
 from entropymerge.cli import main
-from entropymerge.inference import fit_to_volume, network_multiple
 from entropymerge.models import load_site_model
+from entropymerge.padding import fit_to_volume, network_multiple
 
 BUNDLE = "monai_bundle_segmentation_template"
 IDENTITY = np.eye(4)

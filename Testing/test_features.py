@@ -9,19 +9,11 @@ import torch
 from monai.data import create_test_image_3d
 
 from conftest import REPOSITORY
+from entropymerge.anatomix import AnatomixNetwork
 from entropymerge.errors import UserInputError
-from entropymerge.features import (
-    Anatomix,
-    AnatomixNetwork,
-    FeatureCache,
-    MindSSC,
-    fetch_weights,
-    get_extractor,
-    instance_normalize,
-    model_inputs,
-    pad_to_multiple,
-)
+from entropymerge.features import Anatomix, FeatureCache, MindSSC, fetch_weights, get_extractor, instance_normalize, model_inputs
 from entropymerge.modelcard import FeatureSpec
+from entropymerge.padding import pad_to_multiple
 
 MANIFEST = REPOSITORY.parent / "shared" / "reference" / "anatomix_state_dict_manifest.json"
 

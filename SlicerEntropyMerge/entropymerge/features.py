@@ -27,46 +27,43 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .anatomix import AnatomixNetwork
 from .errors import UserInputError
 from .modelcard import FeatureSpec
+from .padding import pad_to_multiple
 
 ANATOMIX_WEIGHTS_NAME = "anatomix.pth"
 
 
 def default_cache_dir() -> Path:
+    """$ENTROPYMERGE_CACHE, else ``$XDG_CACHE_HOME/entropymerge``, else ``~/.cache/entropymerge``."""
     base = os.environ.get("ENTROPYMERGE_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "entropymerge")
     return Path(base)
 
 
 def instance_normalize(features: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Z-score each channel of (N, C, X, Y, Z) over its volume (instance norm without affine)."""
+    """Z-score each channel over its volume (instance norm without affine).
+
+    Args:
+        features: (N, C, X, Y, Z).
+        eps: added to the standard deviation (population, not sample).
+
+    Returns:
+        (N, C, X, Y, Z) with zero mean and unit variance per (n, c).
+    """
     dims = tuple(range(2, features.ndim))
     mean = features.mean(dim=dims, keepdim=True)
     std = features.std(dim=dims, keepdim=True, unbiased=False)
     return (features - mean) / (std + eps)
 
 
-def pad_to_multiple(volume: torch.Tensor, multiple, mode: str = "replicate") -> tuple[torch.Tensor, tuple[slice, ...]]:
-    """Pad the spatial dims of (N, C, X, Y, Z) at their far ends to a multiple (one int, or one per axis) with
-    edge values (or another ``torch.nn.functional.pad`` mode); returns the padded volume and the crop back."""
-    sizes = volume.shape[2:]
-    multiples = multiple if isinstance(multiple, (tuple, list)) else (multiple,) * len(sizes)
-    return pad_far_ends(volume, [(-size) % m for size, m in zip(sizes, multiples)], mode)
-
-
-def pad_far_ends(volume: torch.Tensor, extra, mode: str = "replicate") -> tuple[torch.Tensor, tuple[slice, ...]]:
-    """Pad each spatial dim of (N, C, X, Y, Z) by ``extra`` voxels at its far end; returns the padded volume and the
-    crop back."""
-    sizes = volume.shape[2:]
-    if not any(extra):
-        return volume, (slice(None),) * volume.ndim
-    padding = [amount for e in reversed(extra) for amount in (0, int(e))]
-    padded = F.pad(volume, padding, mode=mode)
-    return padded, (slice(None), slice(None), *(slice(0, size) for size in sizes))
-
-
 class FeatureExtractor:
-    """A frozen map from a normalised image (1, 1, X, Y, Z) to raw feature channels (1, C, X, Y, Z)."""
+    """A frozen map from a normalised image (1, 1, X, Y, Z) to raw feature channels (1, C, X, Y, Z).
+
+    Subclasses set ``name``, ``version`` (bumped whenever the features change: cached features and
+    model cards name it), ``channels`` (C) and ``spatial_multiple`` (the input sizes they need, in
+    voxels), and implement ``raw_features``.
+    """
 
     name: str = ""
     version: str = ""
@@ -74,10 +71,19 @@ class FeatureExtractor:
     spatial_multiple: int = 1
 
     def raw_features(self, image: torch.Tensor) -> torch.Tensor:
+        """(1, 1, X, Y, Z), sizes multiples of ``spatial_multiple`` -> (1, C, X, Y, Z), not normalised."""
         raise NotImplementedError
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        """Normalised features of ``image`` (1, 1, X, Y, Z), same spatial size."""
+        """Normalised features of an image.
+
+        Args:
+            image: (1, 1, X, Y, Z) model-space image; padded (edge values) to ``spatial_multiple``
+                for the extractor and cropped back.
+
+        Returns:
+            (1, C, X, Y, Z) float32, each channel z-scored over the volume (``instance_normalize``).
+        """
         padded, crop = pad_to_multiple(image.float(), self.spatial_multiple)
         with torch.inference_mode():
             features = self.raw_features(padded)[crop]
@@ -85,6 +91,7 @@ class FeatureExtractor:
 
     @property
     def spec(self) -> FeatureSpec:
+        """The ``FeatureSpec`` a model card records for models trained on these features."""
         return FeatureSpec(self.name, self.version, self.channels)
 
 
@@ -94,6 +101,10 @@ class MindSSC(FeatureExtractor):
     For each of the 12 pairs of six-neighbourhood offsets that lie sqrt(2) * dilation apart,
     D = box-filtered squared difference of the image shifted by the two offsets; then
     MIND = exp(-(D - min_pairs D) / V) with V the mean over pairs (clamped), as in Heinrich et al.
+
+    Args:
+        radius: half-width of the box filter over squared differences, voxels.
+        dilation: distance of the six-neighbourhood offsets from the centre, voxels.
     """
 
     name = "mind-ssc"
@@ -131,51 +142,17 @@ class MindSSC(FeatureExtractor):
         return torch.exp(-distances / variance)
 
 
-class AnatomixNetwork(torch.nn.Module):
-    """The published anatomix 3D U-Net (1 -> 16 channels), layer for layer as its state dict lists them.
+class Anatomix(FeatureExtractor):
+    """The anatomix features: 16 channels of the frozen ``AnatomixNetwork`` with its published weights.
 
-    One ``nn.Sequential`` named ``model``: per level two or three (conv 3x3x3 reflect, no bias;
-    BatchNorm; ReLU) blocks, max-pooling down and nearest x2 upsampling up. The outputs after
-    layers 8, 15, 22, 29 are kept and concatenated in front of the upsampled tensor after layers
-    37, 44, 51, 58.
+    Args:
+        weights: the weights file; None to look for it (see ``find_anatomix_weights``).
+        cache_dir: the cache folder searched for ``weights/anatomix.pth``; None for ``default_cache_dir()``.
+
+    Raises:
+        UserInputError: the weights are not found, not readable as plain weights, or not anatomix's.
     """
 
-    SKIP_PUSH = (8, 15, 22, 29)
-    SKIP_POP = (37, 44, 51, 58)
-
-    def __init__(self):
-        super().__init__()
-        layers: list[torch.nn.Module] = []
-
-        def block(in_channels: int, out_channels: int):
-            layers.extend([
-                torch.nn.Conv3d(in_channels, out_channels, 3, padding="same", padding_mode="reflect", bias=False),
-                torch.nn.BatchNorm3d(out_channels, eps=1e-5, momentum=0.1),
-                torch.nn.ReLU(),
-            ])
-
-        block(1, 16), block(16, 16), block(16, 16)
-        for in_channels, out_channels in ((16, 32), (32, 64), (64, 128), (128, 256)):
-            layers.append(torch.nn.MaxPool3d(2, 2))
-            block(in_channels, out_channels), block(out_channels, out_channels)
-        for in_channels, out_channels in ((256 + 128, 128), (128 + 64, 64), (64 + 32, 32), (32 + 16, 16)):
-            layers.append(torch.nn.Upsample(scale_factor=2.0, mode="nearest"))
-            block(in_channels, out_channels), block(out_channels, out_channels)
-        layers.append(torch.nn.Conv3d(16, 16, 3, padding="same", padding_mode="reflect", bias=False))
-        self.model = torch.nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
-        for index, layer in enumerate(self.model):
-            x = layer(x)
-            if index in self.SKIP_PUSH:
-                skips.append(x)
-            elif index in self.SKIP_POP:
-                x = torch.cat([skips.pop(), x], dim=1)
-        return x
-
-
-class Anatomix(FeatureExtractor):
     name = "anatomix"
     version = "1"
     channels = 16
@@ -197,7 +174,19 @@ class Anatomix(FeatureExtractor):
 
 
 def find_anatomix_weights(weights: str | Path | None, cache_dir: Path | None) -> Path:
-    """The anatomix weights: the given path, $ENTROPYMERGE_ANATOMIX_WEIGHTS, or the cache folder."""
+    """Find the anatomix weights file.
+
+    Args:
+        weights: a path the user gave; None to search.
+        cache_dir: the cache folder; None for ``default_cache_dir()``.
+
+    Returns:
+        The first existing file of: ``weights``, $ENTROPYMERGE_ANATOMIX_WEIGHTS,
+        ``<cache>/weights/anatomix.pth``.
+
+    Raises:
+        UserInputError: none exists (the message says how to get them; random weights are never used).
+    """
     candidates = [Path(weights)] if weights else []
     if os.environ.get("ENTROPYMERGE_ANATOMIX_WEIGHTS"):
         candidates.append(Path(os.environ["ENTROPYMERGE_ANATOMIX_WEIGHTS"]))
@@ -219,6 +208,15 @@ EXTRACTORS: dict[str, Callable[..., FeatureExtractor]] = {"mind-ssc": MindSSC, "
 
 
 def get_extractor(name: str, anatomix_weights: str | Path | None = None, cache_dir: Path | None = None) -> FeatureExtractor:
+    """The extractor registered in ``EXTRACTORS`` as ``name``.
+
+    Args:
+        name: ``"mind-ssc"`` or ``"anatomix"``.
+        anatomix_weights, cache_dir: where the anatomix weights are (see ``Anatomix``); unused otherwise.
+
+    Raises:
+        UserInputError: an unknown name, or anatomix weights that cannot be found or loaded.
+    """
     if name not in EXTRACTORS:
         raise UserInputError(f"unknown feature extractor {name!r}; known: {', '.join(EXTRACTORS)}")
     if name == "anatomix":
@@ -227,6 +225,7 @@ def get_extractor(name: str, anatomix_weights: str | Path | None = None, cache_d
 
 
 def check_spec(extractor: FeatureExtractor, spec: FeatureSpec) -> None:
+    """Raise ``UserInputError`` unless ``extractor`` gives the features (name, version, channel count) a model card names."""
     if (extractor.name, extractor.version, extractor.channels) != (spec.extractor, spec.version, spec.channels):
         raise UserInputError(
             f"the models were trained with {spec.extractor} v{spec.version} ({spec.channels} channels) but this "
@@ -235,7 +234,12 @@ def check_spec(extractor: FeatureExtractor, spec: FeatureSpec) -> None:
 
 
 class FeatureCache:
-    """Feature volumes on disk, keyed by image content and extractor version; oldest pruned past a limit."""
+    """Feature volumes on disk (``<key>.npy``), keyed by image content and extractor version.
+
+    Args:
+        folder: where the files go; None for ``default_cache_dir() / "features"``.
+        max_bytes: past this total, the least recently used files are removed (default 4 GiB).
+    """
 
     def __init__(self, folder: Path | None = None, max_bytes: int = 4 << 30):
         self.folder = Path(folder) if folder else default_cache_dir() / "features"
@@ -243,12 +247,14 @@ class FeatureCache:
 
     @staticmethod
     def key(image: torch.Tensor, extractor: FeatureExtractor) -> str:
+        """SHA-256 (hex) of the extractor's name and version, the image's shape and its float32 voxels."""
         digest = hashlib.sha256()
         digest.update(f"{extractor.name}:{extractor.version}:{tuple(image.shape)}".encode())
         digest.update(np.ascontiguousarray(image.detach().cpu().numpy(), dtype=np.float32).tobytes())
         return digest.hexdigest()
 
     def load(self, key: str) -> torch.Tensor | None:
+        """The cached (1, C, X, Y, Z) features under ``key`` (marked as used); None when absent or unreadable."""
         path = self.folder / f"{key}.npy"
         try:
             features = torch.from_numpy(np.load(path))
@@ -258,6 +264,7 @@ class FeatureCache:
         return features
 
     def store(self, key: str, features: torch.Tensor) -> None:
+        """Write ``features`` under ``key`` atomically and prune the cache; an unwritable cache is skipped silently."""
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=self.folder, suffix=".partial.npy", delete=False) as stream:
@@ -278,6 +285,8 @@ class FeatureCache:
 
 @dataclass
 class FeatureResult:
+    """A model's input for one image, and whether its features came from the cache."""
+
     inputs: torch.Tensor  # (1, 1 + C, X, Y, Z)
     cached: bool
 
@@ -288,8 +297,21 @@ def model_inputs(
     extractor: FeatureExtractor | None = None,
     cache: FeatureCache | None = None,
 ) -> FeatureResult:
-    """The model's input for a normalised model-space image (1, X, Y, Z): the image alone without a
-    feature spec, else ``cat([image, features])``."""
+    """The model's input for a normalised model-space image.
+
+    Args:
+        image: (1, X, Y, Z) or (1, 1, X, Y, Z) model-space image.
+        spec: the card's stable-feature spec; None for an image-only model.
+        extractor: the extractor to use; None to build the one ``spec`` names.
+        cache: where features are looked up and stored; None to always compute them.
+
+    Returns:
+        A ``FeatureResult`` whose ``inputs`` are (1, 1 + C, X, Y, Z): the image, then its C feature
+        channels ((1, 1, X, Y, Z) without a spec).
+
+    Raises:
+        UserInputError: the extractor does not match ``spec``, or cannot be built.
+    """
     image = image.float()[None] if image.ndim == 4 else image.float()
     if spec is None:
         return FeatureResult(image, cached=False)
@@ -306,7 +328,21 @@ def model_inputs(
 
 
 def fetch_weights(url: str, sha256: str, destination: Path, validate: Callable[[Path], None]) -> Path:
-    """Download ``url`` (only when the user asks), check its SHA-256 and contents, then move it into place."""
+    """Download ``url`` (only when the user asks), check its SHA-256 and contents, then move it into place.
+
+    Args:
+        url: where to download from (60 s timeout).
+        sha256: the expected SHA-256 of the file, 64 hexadecimal digits.
+        destination: the final path; its folder is made if needed.
+        validate: called on the downloaded file; raises ``UserInputError`` when its contents are wrong.
+
+    Returns:
+        ``destination``.
+
+    Raises:
+        UserInputError: a malformed ``sha256``, a failed download, a different hash, or a failed
+            validation; the partial download is removed.
+    """
     sha256 = sha256.lower().strip()
     if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
         raise UserInputError("--sha256 must be the 64 hexadecimal digits of the expected file's SHA-256")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -13,15 +13,26 @@ from monai.inferers import sliding_window_inference
 
 from .entropy import normalized_entropy, predicted_labels
 from .errors import UserInputError
-from .features import pad_far_ends, pad_to_multiple
 from .modelcard import InferenceSettings
+from .padding import pad_far_ends, pad_to_multiple
 from .preprocessing import ModelSpaceImage, to_input_grid
 
 ProgressCallback = Callable[[float], None]
 
 
 def resolve_device(requested: str = "auto") -> torch.device:
-    """``auto``: CUDA when available, else CPU. ``cpu``, ``cuda``/``gpu`` or ``cuda:N`` are forced."""
+    """The torch device for a ``--device`` choice.
+
+    Args:
+        requested: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``/``"gpu"`` or
+            ``"cuda:N"`` (case-insensitive; empty means auto).
+
+    Returns:
+        The device.
+
+    Raises:
+        UserInputError: an unknown device, CUDA asked for without a CUDA GPU, or a GPU index that does not exist.
+    """
     requested = (requested or "auto").lower()
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -42,67 +53,29 @@ def resolve_device(requested: str = "auto") -> torch.device:
 
 
 def describe_device(device: torch.device) -> str:
+    """``"cpu"``, or ``"cuda:0 (<GPU name>)"`` for a CUDA device, for logs and summaries."""
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return "cpu"
 
 
 def window_count(spatial_shape, roi_size, overlap: float) -> int:
-    """How many windows a sliding-window pass takes (for progress reporting)."""
+    """How many windows a sliding-window pass takes (for progress reporting), as MONAI tiles them.
+
+    Args:
+        spatial_shape: the (X, Y, Z) size of the (padded) input, voxels.
+        roi_size: the window size, voxels per axis (capped at the input size).
+        overlap: the fraction of a window shared with its neighbour, in [0, 1).
+
+    Returns:
+        The number of windows.
+    """
     total = 1
     for size, roi in zip(spatial_shape, roi_size):
         roi = min(roi, size)
         interval = max(int(roi * (1 - overlap)), 1)
         total *= 1 if size <= roi else math.ceil((size - roi) / interval) + 1
     return total
-
-
-def round_up(size: int, multiple: int) -> int:
-    return -(-int(size) // int(multiple)) * int(multiple)
-
-
-# Downsampling factor of MONAI networks whose factor is fixed by design (the others are computed from their strides).
-FIXED_MULTIPLES = {"BasicUNet": 16, "BasicUnet": 16, "Basicunet": 16, "BasicUNetPlusPlus": 16, "SwinUNETR": 32,
-                   "FlexibleUNet": 32, "UNETR": 16}
-
-
-def network_multiple(spec: dict | None) -> tuple[int, int, int]:
-    """Per-axis factor that every input size must be a multiple of, from a MONAI network definition
-    (the product of the strides for UNet-like networks); 1 where the network is not known."""
-    if not isinstance(spec, dict):
-        return (1, 1, 1)
-    name = str(spec.get("_target_", "")).rsplit(".", 1)[-1]
-    if name in FIXED_MULTIPLES:
-        return (FIXED_MULTIPLES[name],) * 3
-    if name == "SegResNet":
-        levels = len(spec.get("blocks_down") or (1, 2, 2, 4))
-        return (2 ** (levels - 1),) * 3
-    strides = spec.get("strides")
-    if name in ("UNet", "Unet", "AttentionUnet", "DynUNet", "DynUnet") and isinstance(strides, (list, tuple)):
-        factor = [1, 1, 1]
-        for stride in strides:
-            per_axis = stride if isinstance(stride, (list, tuple)) else (stride,) * 3
-            factor = [f * int(s) for f, s in zip(factor, per_axis)]
-        return tuple(factor)
-    return (1, 1, 1)
-
-
-def fit_window(size: Sequence[int], spatial_shape: Sequence[int], multiple: Sequence[int], what: str,
-               notes: list[str]) -> tuple[int, int, int]:
-    """A window size (voxels per axis) that the network can take and that is no larger than it needs to be for
-    the volume: rounded up to the network's ``multiple`` (with a note), then shrunk to the volume's size rounded
-    up to that multiple. ``what`` names the window in the note (e.g. "--roi-size")."""
-    size = tuple(int(s) for s in size)
-    rounded = tuple(round_up(s, m) for s, m in zip(size, multiple))
-    if rounded != size:
-        notes.append(f"{what} {size} rounded up to {rounded}: the network needs sizes that are multiples of {tuple(multiple)}")
-    return tuple(min(r, round_up(s, m)) for r, s, m in zip(rounded, spatial_shape, multiple))
-
-
-def fit_to_volume(settings: InferenceSettings, spatial_shape: Sequence[int], notes: list[str],
-                  what: str = "the sliding-window ROI") -> InferenceSettings:
-    """``settings`` with the ROI fitted to this volume and this network (see ``fit_window``)."""
-    return replace(settings, roi_size=fit_window(settings.roi_size, spatial_shape, settings.spatial_multiple, what, notes))
 
 
 def autocast(device: torch.device):
@@ -115,10 +88,13 @@ def autocast(device: torch.device):
 
 @dataclass
 class InferenceReport:
+    """Where a pass ran in the end, and the fallbacks it took (notes for the user, without repeats)."""
+
     device: str
     notes: list[str]
 
     def note(self, text: str) -> None:
+        """Add ``text`` to the notes unless it is there already."""
         if text not in self.notes:
             self.notes.append(text)
 
@@ -129,7 +105,8 @@ WHOLE_VOLUME_BYTES_PER_VOXEL_CHANNEL = 24
 
 
 def available_memory(device: torch.device) -> int | None:
-    """Free memory (bytes) on ``device``; None when it cannot be told."""
+    """Free memory on ``device`` in bytes: CUDA's free memory, or the system's available memory (psutil);
+    None when it cannot be told (psutil missing)."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
     try:
@@ -140,13 +117,22 @@ def available_memory(device: torch.device) -> int | None:
 
 
 def whole_volume_bytes(network: torch.nn.Module, spatial_shape: Sequence[int]) -> int:
-    """Estimated peak memory of one forward pass over the whole volume: voxels x the first layer's width."""
+    """Estimated peak memory of one forward pass over the whole volume, in bytes.
+
+    Args:
+        network: the network (the width of its first convolution counts; 32 when it has none).
+        spatial_shape: the (X, Y, Z) size of the input, voxels.
+
+    Returns:
+        voxels x width x ``WHOLE_VOLUME_BYTES_PER_VOXEL_CHANNEL``.
+    """
     first = next((m for m in network.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)), None)
     width = int(first.out_channels) if first is not None else 32
     return int(np.prod(spatial_shape)) * width * WHOLE_VOLUME_BYTES_PER_VOXEL_CHANNEL
 
 
 def is_out_of_memory(error: BaseException) -> bool:
+    """True for a torch out-of-memory error, or the RuntimeError a CPU allocation failure raises."""
     return isinstance(error, torch.OutOfMemoryError) or (
         isinstance(error, RuntimeError) and any(text in str(error) for text in ("can't allocate memory", "not enough memory")))
 
@@ -159,7 +145,7 @@ def predict_logits(
     progress: ProgressCallback | None = None,
     report: InferenceReport | None = None,
 ) -> torch.Tensor:
-    """Logits of ``network`` over ``inputs`` (1, C_in, X, Y, Z); returns (1, C, X, Y, Z) on the CPU.
+    """Logits of ``network`` over a whole model-space input.
 
     The volume is padded (``settings.padding_mode``, edge values by default) only as far as the
     network needs: for a whole-volume pass (``inferer="whole"``) up to the next multiple of its
@@ -168,6 +154,20 @@ def predict_logits(
     A whole-volume pass that would not fit in memory runs in sliding windows instead; on a CUDA
     out-of-memory error it retries with one window at a time and CPU stitching, then on the CPU.
     Each fallback is noted in ``report``.
+
+    Args:
+        network: the segmentation network (moved to ``device``).
+        inputs: (1, C_in, X, Y, Z) model input (image and feature channels).
+        settings: how to run it (inferer, window size in voxels, overlap, batch, blend and padding modes).
+        device: where to run it; mixed precision on CUDA.
+        progress: called with the fraction of windows done, in [0, 1].
+        report: receives the device finally used and the fallback notes.
+
+    Returns:
+        (1, C, X, Y, Z) float32 logits on the CPU.
+
+    Raises:
+        UserInputError: the network cannot take the window size (its strides need other sizes).
     """
     report = report if report is not None else InferenceReport(str(device), [])
     if settings.inferer != "whole":  # full windows need no padding; only an axis shorter than the window does
@@ -255,7 +255,7 @@ def _sliding_window(network, inputs, settings, device, batch, stitch_device, pro
 
 @dataclass
 class Segmentation:
-    """A model's result on the input volume's grid."""
+    """A model's result on the input volume's grid (voxels in the input file's (i, j, k) order)."""
 
     labels: np.ndarray  # (I, J, K) integer labels
     entropy: np.ndarray  # (I, J, K) float32 in [0, 1]
@@ -267,6 +267,15 @@ def segmentation_from_probabilities(probabilities: torch.Tensor, image: ModelSpa
 
     Resampling probabilities rather than labels keeps labels and entropy consistent and gives
     smooth boundaries when the model's grid is coarser than the input's.
+
+    Args:
+        probabilities: (C, X, Y, Z) softmax outputs on the model grid of ``image``.
+        image: the model-space image, whose ``input_geometry`` is the destination grid.
+        keep_probabilities: also keep the resampled (C, I, J, K) probabilities.
+
+    Returns:
+        The ``Segmentation``: uint8 labels (uint16 beyond 256 classes) and float32 normalised entropy,
+        both (I, J, K).
     """
     probabilities = to_input_grid(probabilities.float(), image, mode="bilinear")
     labels = predicted_labels(probabilities, dim=0).numpy().astype(np.uint8 if probabilities.shape[0] <= 256 else np.uint16)

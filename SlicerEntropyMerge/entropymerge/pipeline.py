@@ -23,23 +23,14 @@ from .artefact import check_model_folder, merged_model_card, write_model_artefac
 from .entropy import predicted_labels
 from .errors import UserInputError
 from .features import FeatureCache, get_extractor, model_inputs
-from .inference import (
-    InferenceReport,
-    Segmentation,
-    describe_device,
-    fit_to_volume,
-    network_multiple,
-    predict_logits,
-    resolve_device,
-    round_up,
-    segmentation_from_probabilities,
-)
+from .inference import InferenceReport, Segmentation, describe_device, predict_logits, resolve_device, segmentation_from_probabilities
 from .merging import STATISTICS, MergePlan, one_hot, plan_statistics, site_scores, statistic_coefficients
 from .methods import PlanContext, get_method
 from .metrics import evaluate
 from .modelcard import InferenceSettings, ModelCard
 from .models import SiteModel, check_compatible, check_runs, expand_model_paths, load_site_models, model_files
 from .outputs import OutputFolder, safe_file_stem
+from .padding import fit_to_volume, network_multiple, round_up
 from .preprocessing import ModelSpaceImage, labels_to_model_space, to_model_space
 from .probe import Probe, default_probe_size, probe_batch_size, probe_probabilities, select_probe
 from .progress import Progress

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from .errors import UserInputError
-from .features import pad_to_multiple
-from .inference import autocast, fit_window
+from .inference import autocast
+from .padding import fit_window, pad_to_multiple
 
 
 @dataclass
