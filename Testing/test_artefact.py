@@ -13,6 +13,7 @@ from conftest import shared_file
 from entropymerge.cli import main
 from entropymerge.head import detect_head
 from entropymerge.models import load_site_model, load_site_models
+from entropymerge.summary import Coefficients, RunSummary
 from entropymerge.weights import interpolate, merged_network
 from test_adaptation import assert_bit_identical
 
@@ -160,5 +161,5 @@ def test_bad_merge_and_save_options_exit_2(tmp_path, capsys, mind_models, sphere
                                                             "--out", tmp_path / "p")
     # a summary from a run over other models
     summary = tmp_path / "other.json"
-    summary.write_text(json.dumps({"method": "mean", "coefficients": {"body": {"x": 0.5, "y": 0.5}, "head": None}}), encoding="utf-8")
+    summary.write_text(json.dumps(RunSummary(method="mean", coefficients=Coefficients({"x": 0.5, "y": 0.5})).to_json()), encoding="utf-8")
     assert "names the models x, y, but site0, site1, site2 were given" in failing(capsys, *merge, "--from-summary", summary)

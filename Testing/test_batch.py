@@ -18,6 +18,7 @@ from entropymerge.cli import main
 from entropymerge.errors import ExitCode, UserInputError
 from entropymerge.pipeline import RunOptions
 from entropymerge.sampledata import site, write_case
+from entropymerge.summary import RunSummary, VolumeRecord
 
 CASES = 6
 
@@ -187,7 +188,7 @@ def test_case_folders_holding_other_results_are_left_alone(case_folder, models, 
     case = discover_cases(case_folder)[1]
     other = discover_cases(case_folder)[2]
     options = RunOptions(volume=Path(), models=models, device="cpu")
-    foreign = {"volume": {"path": str(other.volume)}, "outputs": {"summary": "summary.json"}}
+    foreign = RunSummary(volume=VolumeRecord(str(other.volume)), outputs={"summary": "summary.json"}).to_json()
     (tmp_path / case.name).mkdir()
     (tmp_path / case.name / "summary.json").write_text(json.dumps(foreign), encoding="utf-8")
     result = run_batch([case], options, tmp_path)
@@ -196,8 +197,10 @@ def test_case_folders_holding_other_results_are_left_alone(case_folder, models, 
     assert json.loads((tmp_path / case.name / "summary.json").read_text(encoding="utf-8")) == foreign, "never overwritten"
 
     (tmp_path / case.name / "summary.json").write_text("{ cut short", encoding="utf-8")
-    assert "summary.json is unreadable" in run_batch([case], options, tmp_path).rows[0]["error"]
-    mine = {"volume": {"path": str(case.volume)}, "outputs": {"summary": "summary.json", "segmentation": "segmentation.nii.gz"}}
+    assert "summary.json is not valid JSON" in run_batch([case], options, tmp_path).rows[0]["error"]
+    (tmp_path / case.name / "summary.json").write_text(json.dumps({"volume": {"path": str(case.volume)}}), encoding="utf-8")
+    assert "the key 'entropymerge_version' is missing; move" in run_batch([case], options, tmp_path).rows[0]["error"]
+    mine = RunSummary(volume=VolumeRecord(str(case.volume)), outputs={"summary": "summary.json", "segmentation": "segmentation.nii.gz"}).to_json()
     (tmp_path / case.name / "summary.json").write_text(json.dumps(mine), encoding="utf-8")
     assert "is incomplete (missing segmentation.nii.gz)" in run_batch([case], options, tmp_path).rows[0]["error"]
 

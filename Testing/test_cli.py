@@ -2,6 +2,7 @@
 
 import json
 import os
+from dataclasses import replace
 
 import nibabel
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 
 from conftest import run_cli, shared_file
 from entropymerge.cli import main
+from entropymerge.summary import ClassScores, Coefficients, Evaluation, RunSummary
 from entropymerge.volume import Geometry, write_volume
 from test_models import FileCreatingPayload
 
@@ -176,10 +178,9 @@ def test_subprocess_exit_code_and_single_line_error(tmp_path, model_factory):
 def test_console_table_shows_method_coefficients_and_dice_per_class():
     from entropymerge.console import run_table
 
-    evaluation = {"per_class": {"organ": {"dice": 0.8123, "in_reference": True}, "lesion": {"dice": 0.0, "in_reference": False}},
-                  "mean_dice": 0.8123}
-    summary = {"method": "adaptive", "decoupled_head": True, "outputs": {"segmentation": "s.nii.gz"}, "evaluation": evaluation,
-               "coefficients": {"body": {"north": 0.75, "a-long-name": 0.25}, "head": {"north": 0.4, "a-long-name": 0.6}}}
+    evaluation = Evaluation({"organ": ClassScores(0.8123, None, True), "lesion": ClassScores(0.0, None, False)}, 0.8123, None, ["organ"])
+    summary = RunSummary(method="adaptive", decoupled_head=True, outputs={"segmentation": "s.nii.gz"}, evaluation=evaluation,
+                         coefficients=Coefficients({"north": 0.75, "a-long-name": 0.25}, {"north": 0.4, "a-long-name": 0.6}))
     assert run_table(summary).splitlines() == [
         "method: adaptive (head merged with its own coefficients beta)",
         "  model         alpha    beta",
@@ -187,7 +188,7 @@ def test_console_table_shows_method_coefficients_and_dice_per_class():
         "  a-long-name   0.250   0.600",
         "Dice vs reference: organ 0.812, lesion -; mean 0.812",
     ]
-    single = dict(summary, method="single", decoupled_head=False, evaluation=None,
-                  coefficients={"body": {"north": 0.0, "south": 1.0}, "head": {"north": 0.0, "south": 1.0}})
+    single = replace(summary, method="single", decoupled_head=False, evaluation=None,
+                     coefficients=Coefficients({"north": 0.0, "south": 1.0}, {"north": 0.0, "south": 1.0}))
     assert run_table(single).splitlines() == ["method: single", "  model: south"]
-    assert run_table(dict(summary, outputs={}, evaluation=None)) == "", "a ranking-only run has no merge to show"
+    assert run_table(replace(summary, outputs={}, evaluation=None)) == "", "a ranking-only run has no merge to show"

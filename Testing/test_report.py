@@ -54,36 +54,36 @@ def unpacked(text: str, shape) -> np.ndarray:
 
 
 def test_run_report_shows_the_whole_run(full_run):
-    report = Path(full_run["outputs"]["report"])
-    assert report == Path(full_run["outputs"]["summary"]).with_name("report.html")
+    report = Path(full_run.outputs["report"])
+    assert report == Path(full_run.outputs["summary"]).with_name("report.html")
     html = report.read_text(encoding="utf-8")
     size = len(html.encode())
-    print(f"report of a {read_volume(full_run['volume']['path']).geometry.shape} case with 2 site models: {size / 1e3:.0f} kB")
+    print(f"report of a {read_volume(full_run.volume.path).geometry.shape} case with 2 site models: {size / 1e3:.0f} kB")
     assert size < 500_000
     assert "http://" not in html and "https://" not in html and not re.search(r"\b(?:src|href)\s*=", html), "nothing may load from elsewhere"
-    for label in full_run["labels"][1:]:
-        assert f"{label['color']}\"></span>{label['name']}" in html, "the legend names each label with its colour"
+    for label in full_run.labels[1:]:
+        assert f"{label.color}\"></span>{label.name}" in html, "the legend names each label with its colour"
     chart = html.split('id="coefficients"')[1].split("</section>")[0]
     for key in ("body", "head"):
-        for model, value in full_run["coefficients"][key].items():
+        for model, value in getattr(full_run.coefficients, key).items():
             assert f"{model} {'body α' if key == 'body' else 'head β'} {value:.3f}" in chart
     evaluation = html.split('id="evaluation"')[1].split("</section>")[0]
-    assert f"{full_run['evaluation']['mean_dice']:.3f}" in evaluation
-    assert f"HD95 {full_run['labels'][1]['name']} (mm)" in evaluation
+    assert f"{full_run.evaluation.mean_dice:.3f}" in evaluation
+    assert f"HD95 {full_run.labels[1].name} (mm)" in evaluation
     for name in ("north", "south"):
-        assert f"{full_run['per_model'][name]['evaluation']['mean_dice']:.3f}" in evaluation
+        assert f"{full_run.per_model[name].evaluation.mean_dice:.3f}" in evaluation
     ranking = html.split('id="ranking"')[1].split("</section>")[0]
-    ranked = [row["model"] for row in full_run["ranking"]["rows"]]
+    ranked = [row["model"] for row in full_run.ranking.rows]
     assert sorted(ranked, key=ranking.index) == ranked, "the ranking table keeps the ranking's order"
 
     data = embedded_data(html)
     assert [layer["title"] for layer in data["layers"]] == ["merged (adaptive)", "north", "south"]
-    geometry = read_volume(full_run["volume"]["path"]).geometry
+    geometry = read_volume(full_run.volume.path).geometry
     for layer, file in zip(data["layers"], ("segmentation", "segmentation_north", "segmentation_south")):
-        expected = canonical(read_volume(full_run["outputs"][file]).array, geometry)
+        expected = canonical(read_volume(full_run.outputs[file]).array, geometry)
         labels = unpacked(layer["labels"], expected.array.shape)
         np.testing.assert_array_equal(labels, expected.array)
-    merged = canonical(read_volume(full_run["outputs"]["segmentation"]).array, geometry)
+    merged = canonical(read_volume(full_run.outputs["segmentation"]).array, geometry)
     for view in VIEWS:  # the script's indexing draws exactly the slice the figures draw
         layout = data["views"][view]
         expected, aspect = merged.slice(view, layout["start"])
@@ -99,10 +99,10 @@ def test_report_in_a_real_browser(full_run, tmp_path):
     reason = missing_reason()
     if reason:
         pytest.skip(reason)
-    report = Path(full_run["outputs"]["report"])
+    report = Path(full_run.outputs["report"])
     data = embedded_data(report.read_text(encoding="utf-8"))
-    geometry = read_volume(full_run["volume"]["path"]).geometry
-    entropy = canonical(read_volume(full_run["outputs"]["entropy"]).array, geometry)
+    geometry = read_volume(full_run.volume.path).geometry
+    entropy = canonical(read_volume(full_run.outputs["entropy"]).array, geometry)
     colours = np.array(data["entropy_colors"])
     with browser_context() as context:
         page, errors, requests = open_report(context, report)
@@ -188,14 +188,14 @@ def test_single_model_run_without_a_site_and_a_class_missing_from_the_reference(
     reference_path = write_volume(without_lesion, reference.geometry, tmp_path / "reference.nii.gz")
     summary = run(RunOptions(volume=image, models=models, out=tmp_path / "single", method="single", single_model="south",
                              reference=reference_path, report=True, device="cpu"))
-    html = Path(summary["outputs"]["report"]).read_text(encoding="utf-8")
+    html = Path(summary.outputs["report"]).read_text(encoding="utf-8")
     coefficients = html.split('id="coefficients"')[1].split("</section>")[0]
     assert "Site model used" in coefficients and "runs one site model as it is (single: south)" in coefficients
     assert "head was merged" not in html and "<svg" not in coefficients
     assert embedded_data(html)["layers"][0]["title"] == "single: south"
     evaluation = html.split('id="evaluation"')[1].split("</section>")[0]
-    lesion = summary["labels"][3]["name"]
-    assert summary["evaluation"]["per_class"][lesion]["in_reference"] is False
+    lesion = summary.labels[3].name
+    assert summary.evaluation.per_class[lesion].in_reference is False
     row = evaluation.split("<tbody>")[1].split("</tr>")[0]
     cells = re.findall(r"<td[^>]*>(.*?)</td>", row)
     assert cells[3] == "–" and cells[7] == "–", f"a class missing from the reference has neither Dice nor HD95: {cells}"
@@ -203,7 +203,7 @@ def test_single_model_run_without_a_site_and_a_class_missing_from_the_reference(
     assert ">None<" not in html and f"<td>{long_name}</td><td>–</td>" in details
 
     mean = run(RunOptions(volume=image, models=models, out=tmp_path / "mean", method="mean", report=True, device="cpu"))
-    chart = Path(mean["outputs"]["report"]).read_text(encoding="utf-8").split('id="coefficients"')[1].split("</svg>")[0]
+    chart = Path(mean.outputs["report"]).read_text(encoding="utf-8").split('id="coefficients"')[1].split("</svg>")[0]
     label_x = float(re.search(rf'<text x="([0-9.]+)" y="[0-9.]+" text-anchor="end">{long_name}</text>', chart).group(1))
     assert label_x >= 8 * len(long_name), "the name column is wide enough for the longest name"
 

@@ -50,7 +50,7 @@ def timed_run(options: RunOptions) -> tuple[float, dict]:
     """Wall time (s) of one whole run, and its stage times from the summary."""
     start = time.perf_counter()
     summary = run(options, Progress())
-    return time.perf_counter() - start, summary["timings_s"]
+    return time.perf_counter() - start, summary.timings_s
 
 
 def main(argv=None) -> int:

@@ -28,6 +28,7 @@ from .modelcard import InferenceSettings, ModelCard
 from .models import SiteModel, save_site_model
 from .outputs import safe_file_stem
 from .safeconfig import build_network, network_class
+from .summary import read_summary_file
 
 NORM_ARGUMENTS = ("norm", "norm_name")  # how MONAI networks name their normalisation layer argument
 
@@ -197,25 +198,23 @@ def coefficients_from_summary(path: Path, models: Sequence[SiteModel]) -> tuple[
     Returns (alpha, beta or None when the head was not decoupled, the run's record: method, volume,
     adaptation). The names in the summary must be those of ``models``.
     """
-    import json
-
     try:
-        summary = json.loads(Path(path).read_text(encoding="utf-8"))
-        method, coefficients = summary["method"], summary["coefficients"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
+        summary = read_summary_file(path)
+    except UserInputError as error:
         raise UserInputError(f"--from-summary {path}: not a readable run summary ({error})") from None
-    if coefficients.get("body") is None:
+    method, coefficients = summary.method, summary.coefficients
+    if coefficients.body is None:
         raise UserInputError(f"--from-summary {path}: the run used --method {method}, which merges no weights")
     names = [m.name for m in models]
-    if sorted(coefficients["body"]) != sorted(names):
-        raise UserInputError(f"--from-summary {path} names the models {', '.join(coefficients['body'])}, but "
+    if sorted(coefficients.body) != sorted(names):
+        raise UserInputError(f"--from-summary {path} names the models {', '.join(coefficients.body)}, but "
                              f"{', '.join(names)} were given; give the run's models")
-    body = checked_coefficients([coefficients["body"][n] for n in names], len(models), "the summary's body coefficients")
+    body = checked_coefficients([coefficients.body[n] for n in names], len(models), "the summary's body coefficients")
     head = None
-    if summary.get("decoupled_head") and coefficients.get("head"):
-        head = checked_coefficients([coefficients["head"][n] for n in names], len(models), "the summary's head coefficients")
-    record = {"method": method, "volume": Path(str((summary.get("volume") or {}).get("path", ""))).name or None,
-              "adaptation": summary.get("adaptation")}
+    if summary.decoupled_head and coefficients.head:
+        head = checked_coefficients([coefficients.head[n] for n in names], len(models), "the summary's head coefficients")
+    record = {"method": method, "volume": Path(summary.volume.path).name or None,
+              "adaptation": vars(summary.adaptation).copy() if summary.adaptation else None}
     return body, head, record
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import json
 import multiprocessing
 import os
 import traceback
@@ -24,10 +23,11 @@ from pathlib import Path
 
 from .errors import UserInputError
 from .models import check_compatible, load_site_models
-from .outputs import SUMMARY_NAME, clean_after_killed_runs, safe_file_stem, write_text_atomically
+from .outputs import clean_after_killed_runs, safe_file_stem, write_text_atomically
 from .pipeline import RunOptions, run, validate_options
 from .progress import Progress
 from .report import REPORT_NAME, write_report
+from .summary import SUMMARY_NAME, RunSummary, read_summary_file
 from .volume import LABEL_MAP_ENDINGS, is_label_map_name, split_volume_name
 
 TABLE_NAME = "batch.csv"
@@ -228,24 +228,31 @@ def run_case(case: BatchCase, options: RunOptions, out: Path, threads: int = 1) 
     return case_row(case, status, summary)
 
 
-def completed_summary(folder: Path, case: BatchCase) -> dict | None:
+def completed_summary(folder: Path, case: BatchCase) -> RunSummary | None:
     """The summary of a complete earlier run of this case in ``folder``, or None when there is none.
 
-    Raises ``UserInputError`` when the folder holds something else: an unreadable summary, a run
-    of another volume, or a run with missing files (they are never overwritten).
+    Args:
+        folder: the case's output folder.
+        case: the case (its volume must be the one the run segmented).
+
+    Returns:
+        The summary (``outputs``: paths in ``folder``), or None when the folder holds no summary.
+
+    Raises:
+        UserInputError: the folder holds something else: an unreadable summary, a run of another
+            volume, or a run with missing files (they are never overwritten).
     """
     path = folder / SUMMARY_NAME
     if not path.exists():
         return None
     try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-        recorded = Path(summary["volume"]["path"])
-        outputs = summary["outputs"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise UserInputError(f"{path} is unreadable ({type(error).__name__}: {error}); move {folder} away to run the case again") from None
+        summary = read_summary_file(path)
+    except UserInputError as error:
+        raise UserInputError(f"{error}; move {folder} away to run the case again") from None
+    recorded = Path(summary.volume.path)
     if recorded.resolve() != case.volume.resolve():
         raise UserInputError(f"{folder} holds the results of another volume ({recorded}); move it away or choose another --out")
-    missing = sorted(name for name in outputs.values() if not (folder / name).exists())
+    missing = sorted(str(Path(file).relative_to(folder)) for file in summary.outputs.values() if not Path(file).exists())
     if missing:
         raise UserInputError(f"{folder} is incomplete (missing {', '.join(missing)}); move it away to run the case again")
     return summary
@@ -260,25 +267,37 @@ def record_failure(case: BatchCase, out: Path, message: str, details: str) -> di
     return case_row(case, "failed", error=message)
 
 
-def case_row(case: BatchCase, status: str, summary: dict | None = None, error: str = "") -> dict:
-    """One row of the table: the case, its status, and from its summary the method, coefficients, quality and timings."""
+def case_row(case: BatchCase, status: str, summary: RunSummary | None = None, error: str = "") -> dict:
+    """One row of the table.
+
+    Args:
+        case: the case.
+        status: ``completed``, ``resumed`` or ``failed``.
+        summary: the case's run summary (none for a failed case).
+        error: the failure's message.
+
+    Returns:
+        Column -> value: the case and its status, and from the summary the method, the coefficients
+        (``alpha_<model>``, ``beta_<model>``), Dice and HD95 (mm) per class and their means, and the
+        stage times (s).
+    """
     row = {"case": case.name, "status": status, "error": error, "volume": str(case.volume), "reference": str(case.reference or "")}
     if summary is None:
         return row
-    row["method"] = summary["method"]
-    for key, prefix in (("body", "alpha"), ("head", "beta")):
-        for model, value in (summary["coefficients"][key] or {}).items():
+    row["method"] = summary.method
+    for coefficients, prefix in ((summary.coefficients.body, "alpha"), (summary.coefficients.head, "beta")):
+        for model, value in (coefficients or {}).items():
             row[f"{prefix}_{model}"] = value
-    evaluation = summary.get("evaluation")
+    evaluation = summary.evaluation
     if evaluation:
-        row["mean_dice"] = _rounded(evaluation["mean_dice"])
-        row["mean_hd95_mm"] = _rounded(evaluation["mean_hd95_mm"])
-        for name, values in evaluation["per_class"].items():
-            row[f"dice_{name}"] = _rounded(values["dice"])
-            row[f"hd95_mm_{name}"] = _rounded(values["hd95_mm"])
-    for stage, seconds in summary["timings_s"].items():
+        row["mean_dice"] = _rounded(evaluation.mean_dice)
+        row["mean_hd95_mm"] = _rounded(evaluation.mean_hd95_mm)
+        for name, scores in evaluation.per_class.items():
+            row[f"dice_{name}"] = _rounded(scores.dice)
+            row[f"hd95_mm_{name}"] = _rounded(scores.hd95_mm)
+    for stage, seconds in summary.timings_s.items():
         row[f"time_{stage}_s"] = seconds
-    row["time_total_s"] = round(sum(summary["timings_s"].values()), 4)
+    row["time_total_s"] = round(sum(summary.timings_s.values()), 4)
     return row
 
 

@@ -20,6 +20,7 @@ from . import __version__
 from .errors import Cancelled, ExitCode, UserInputError
 from .outputs import VOLUME_FORMATS
 from .progress import Progress, make_progress
+from .summary import RunSummary, output_key
 from .validation import one_line
 
 
@@ -332,13 +333,14 @@ def command_run(args, progress: Progress) -> None:
     summary = run(options, progress)
     print_run_table(summary, args.progress)
     if args.progress != "json":
-        print(f"segmentation: {summary['outputs']['segmentation']}")
-        print(f"entropy map:  {summary['outputs']['entropy']}")
-        if summary.get("ranking"):
-            print(f"ranking:      {summary['outputs']['ranking']}")
-        if "report" in summary["outputs"]:
-            print(f"report:       {summary['outputs']['report']}")
-        print(f"summary:      {summary['outputs']['summary']}")
+        outputs = summary.outputs
+        print(f"segmentation: {outputs[output_key('segmentation')]}")
+        print(f"entropy map:  {outputs[output_key('entropy')]}")
+        if summary.ranking:
+            print(f"ranking:      {outputs['ranking']}")
+        if "report" in outputs:
+            print(f"report:       {outputs['report']}")
+        print(f"summary:      {outputs['summary']}")
 
 
 def command_rank(args, progress: Progress) -> None:
@@ -348,10 +350,10 @@ def command_rank(args, progress: Progress) -> None:
     summary = run(options, progress)
     print_run_table(summary, args.progress)
     if args.progress != "json":
-        print(f"ranking: {summary['outputs']['ranking']}\n         {summary['outputs']['ranking_csv']}")
+        print(f"ranking: {summary.outputs['ranking']}\n         {summary.outputs['ranking_csv']}")
 
 
-def print_run_table(summary: dict, progress_mode: str) -> None:
+def print_run_table(summary: RunSummary, progress_mode: str) -> None:
     """The run's compact table; on stderr when stdout carries the JSON progress protocol."""
     from .console import run_table
 

@@ -21,6 +21,7 @@ from .outputs import OutputFolder, safe_file_stem
 from .pipeline import Case, RunOptions, Timings, load_case
 from .progress import Progress
 from .sampledata import bundled_models, bundled_targets
+from .summary import output_key
 
 DEFAULT_FOLDER = "entropymerge-demo"
 
@@ -57,10 +58,11 @@ def run_demo(out: Path | None = None, device: str = "auto", overwrite: bool = Fa
             print_(_report(target.name, case, comparison, options.statistic))
             for result in comparison.results:
                 stem = safe_file_stem(result.key.replace("site:", "site_"))
-                key = f"{target.name}/segmentation_{stem}"
+                key = f"{target.name}/{output_key('segmentation', stem)}"  # also the file's name
                 output.volume(key, key, result.segmentation.labels, case.volume.geometry)
                 if result.key in ("adaptive", "mean") or result.key.startswith("site:"):
-                    output.volume(f"{target.name}/entropy_{stem}", f"{target.name}/entropy_{stem}", result.segmentation.entropy, case.volume.geometry)
+                    key = f"{target.name}/{output_key('entropy', stem)}"
+                    output.volume(key, key, result.segmentation.entropy, case.volume.geometry)
             summary["targets"][target.name] = dict(comparison_summary(comparison), volume=str(target.image), reference=str(target.labels))
             figure_rows.append((target.name, case, comparison))
         progress.stage("figure", "drawing the figure")

@@ -36,6 +36,21 @@ from .probe import Probe, default_probe_size, probe_batch_size, probe_probabilit
 from .progress import Progress
 from .ranking import LabelSource, Taps, find_taps, rank_models, scribble_labels, tapped_pass
 from .settings import AdaptationSettings, MergeSettings
+from .summary import (
+    AdaptationRecord,
+    Coefficients,
+    Evaluation,
+    FeatureRecord,
+    InferenceRecord,
+    LabelRecord,
+    ModelRecord,
+    ModelResult,
+    RankingRecord,
+    RunSummary,
+    VolumeRecord,
+    output_key,
+    probability_key,
+)
 from .validation import physical_memory_bytes
 from .volume import Geometry, Volume, detached_data_files, read_label_map, read_volume
 
@@ -335,8 +350,17 @@ def plan_merge(case: Case, options: RunOptions, progress: Progress, timings: Tim
         return method.plan(context), probe_run
 
 
-def run(options: RunOptions, progress: Progress | None = None) -> dict:
-    """Segment ``options.volume`` with the site models combined by ``options.method``; returns the summary."""
+def run(options: RunOptions, progress: Progress | None = None) -> RunSummary:
+    """Segment ``options.volume`` with the site models combined by ``options.method`` and write the outputs.
+
+    Args:
+        options: the run's options (``options.out``: the output folder).
+        progress: receives stages, fractions and notes (default: silent).
+
+    Returns:
+        The run's summary, as written to ``summary.json``; its ``outputs`` are the written files' paths
+        (with ``report`` and the saved model's files when asked for).
+    """
     progress = progress or Progress()
     validate_options(options)
     if options.scribbles and not options.rank:
@@ -404,12 +428,12 @@ def run(options: RunOptions, progress: Progress | None = None) -> dict:
             if options.segment:
                 write_segmentation(output, "", segmentation, case)
         summary = build_summary(options, case, plan, timings, progress, evaluation, per_model)
-        summary["ranking"] = ranking.to_json() if ranking else None
-        summary["adaptation"] = adaptation
+        summary.ranking = RankingRecord(**ranking.to_json()) if ranking else None
+        summary.adaptation = AdaptationRecord(**adaptation) if adaptation else None
         if options.save_model is not None and network is not None:
-            summary["saved_model"] = save_run_model(case, options, plan, network, adaptation)
-        outputs = output.commit(summary, release=not options.report)
-        outputs.update(summary.get("saved_model") or {})
+            summary.saved_model = save_run_model(case, options, plan, network, adaptation)
+        outputs = output.commit(summary.to_json(), release=not options.report)
+        outputs.update(summary.saved_model or {})
     except BaseException:
         output.abort()
         raise
@@ -421,7 +445,7 @@ def run(options: RunOptions, progress: Progress | None = None) -> dict:
         finally:
             output.release()
     progress.done(outputs)
-    return dict(summary, outputs=outputs)
+    return replace(summary, outputs=outputs)
 
 
 def adapt_merged(case: Case, options: RunOptions, plan: MergePlan, probe_run: ProbeRun | None, progress: Progress,
@@ -520,13 +544,12 @@ def _run_every_model(case: Case, options: RunOptions, output: OutputFolder, per_
 def write_segmentation(output: OutputFolder, model_name: str, segmentation: Segmentation, case: Case) -> None:
     """Labels, entropy and (when kept) probabilities on the input grid; per-model files get the model's name."""
     suffix = f"_{safe_file_stem(model_name)}" if model_name else ""
-    key = f"_{model_name}" if model_name else ""
     geometry = case.volume.geometry
-    output.volume(f"segmentation{key}", f"segmentation{suffix}", segmentation.labels, geometry)
-    output.volume(f"entropy{key}", f"entropy{suffix}", segmentation.entropy, geometry)
+    output.volume(output_key("segmentation", model_name), f"segmentation{suffix}", segmentation.labels, geometry)
+    output.volume(output_key("entropy", model_name), f"entropy{suffix}", segmentation.entropy, geometry)
     if segmentation.probabilities is not None:
         for label, probability in zip(case.labels, segmentation.probabilities):
-            output.volume(f"probability_{label.name}{key}", f"probability_{safe_file_stem(label.name)}{suffix}", probability, geometry)
+            output.volume(probability_key(label.name, model_name), f"probability_{safe_file_stem(label.name)}{suffix}", probability, geometry)
 
 
 def input_paths(options: RunOptions) -> tuple[Path, ...]:
@@ -543,48 +566,52 @@ def _named(models, values) -> dict[str, float] | None:
 
 
 def build_summary(options: RunOptions, case: Case, plan: MergePlan, timings: Timings, progress: Progress,
-                  evaluation: dict | None, per_model: dict) -> dict:
+                  evaluation: dict | None, per_model: dict) -> RunSummary:
+    """The run's summary, without the ranking, adaptation and saved model (``run`` adds those).
+
+    Args:
+        options: the run's options.
+        case: the loaded case (volume, models, inference settings).
+        plan: the merge plan (coefficients per model, in model order; method details).
+        timings: wall seconds per stage, filled while the run goes on.
+        progress: its notes become the summary's notes.
+        evaluation: the run's segmentation against the reference (``metrics.evaluate``), or None.
+        per_model: model name -> ``{"evaluation": ...}`` or ``{}`` for each site model that ran in full.
+
+    Returns:
+        The summary; ``timings_s`` and ``notes`` are the live objects, so later stages still show.
+    """
     models = case.models
     details = dict(plan.details)
     stats = details.pop("statistics", None)
-    summary = {
-        "entropymerge_version": __version__,
-        "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "volume": {"path": str(options.volume), "geometry": case.volume.geometry.describe()},
-        "models": [_model_summary(model) for model in models],
-        "labels": [{"value": l.value, "name": l.name, "color": l.color} for l in case.labels],
-        "method": plan.method,
-        "coefficients": {"body": _named(models, plan.body), "head": _named(models, plan.head if plan.head is not None else plan.body)},
-        "decoupled_head": plan.head is not None,
-        "probe_statistics": {key: _named(models, values) for key, values in stats.items()} if stats else None,
-        "merge_details": {k: (_named(models, v) if k in ("scores", "head_scores") else v) for k, v in details.items()},
-        "features": {"spec": _feature_summary(models[0]), "from_cache": case.features_cached},
-        "device": case.report.device,
-        "inference": {"inferer": case.settings.inferer, "roi_size": list(case.settings.roi_size),
-                      "overlap": case.settings.overlap, "sw_batch_size": case.settings.sw_batch_size,
-                      "mode": case.settings.blend_mode, "padding_mode": case.settings.padding_mode},
-        "evaluation": evaluation,
-        "per_model": per_model or None,
-        "timings_s": timings,
-        "notes": progress.notes,
-        "versions": _versions(),
-    }
-    return summary
+    settings = case.settings
+    return RunSummary(
+        entropymerge_version=__version__,
+        created=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        volume=VolumeRecord(str(options.volume), case.volume.geometry.describe()),
+        models=[ModelRecord(model.name, model.card.site, str(model.source), model.kind,
+                            int(sum(p.numel() for p in model.network.parameters()))) for model in models],
+        labels=[LabelRecord(label.value, label.name, label.color) for label in case.labels],
+        method=plan.method,
+        coefficients=Coefficients(_named(models, plan.body), _named(models, plan.head if plan.head is not None else plan.body)),
+        decoupled_head=plan.head is not None,
+        probe_statistics={key: _named(models, values) for key, values in stats.items()} if stats else None,
+        merge_details={k: (_named(models, v) if k in ("scores", "head_scores") else v) for k, v in details.items()},
+        features=FeatureRecord(_feature_summary(models[0]), case.features_cached),
+        device=case.report.device,
+        inference=InferenceRecord(settings.inferer, list(settings.roi_size), settings.overlap, settings.sw_batch_size,
+                                  settings.blend_mode, settings.padding_mode),
+        evaluation=Evaluation.from_json(evaluation) if evaluation else None,
+        per_model={name: ModelResult.from_json(entry, f"per_model.{name}") for name, entry in per_model.items()} or None,
+        timings_s=timings,
+        notes=progress.notes,
+        versions=_versions(),
+    )
 
 
 def _feature_summary(model: SiteModel) -> dict | None:
     spec = model.card.features
     return {"extractor": spec.extractor, "version": spec.version, "channels": spec.channels} if spec else None
-
-
-def _model_summary(model: SiteModel) -> dict:
-    return {
-        "name": model.name,
-        "site": model.card.site,
-        "source": str(model.source),
-        "kind": model.kind,
-        "parameters": int(sum(p.numel() for p in model.network.parameters())),
-    }
 
 
 def _versions() -> dict:
