@@ -38,6 +38,8 @@ DASK_CONNECT_TIMEOUT_S = 10
 
 @dataclass(frozen=True)
 class BatchCase:
+    """One case of a batch: a volume and, optionally, its reference segmentation."""
+
     name: str  # also the name of the case's output folder
     volume: Path
     reference: Path | None = None
@@ -45,6 +47,8 @@ class BatchCase:
 
 @dataclass
 class BatchResult:
+    """What a batch did: one table row per case (``case_row``), and the table file."""
+
     rows: list[dict]  # one per case, in case order
     table: Path
 
@@ -54,7 +58,18 @@ class BatchResult:
 
 
 def discover_cases(source: str | os.PathLike) -> list[BatchCase]:
-    """The cases of a folder of volumes or of a CSV file (``case,volume[,reference]``), sorted by name."""
+    """The cases of a batch.
+
+    Args:
+        source: a folder of volumes (``CASE_labels.<suffix>`` beside a volume is its reference) or a CSV
+            file with the columns ``case,volume[,reference]`` (paths relative to its folder).
+
+    Returns:
+        The cases, sorted by name.
+
+    Raises:
+        UserInputError: the source is missing or of another kind, holds no case, or repeats a case name.
+    """
     source = Path(source)
     if not source.exists():
         raise UserInputError(f"cases not found: {source}")
@@ -116,11 +131,19 @@ def _checked_name(name: str, where) -> str:
 
 def run_batch(cases: list[BatchCase], options: RunOptions, out: str | os.PathLike, workers: int = 1,
               scheduler: str | None = None, threads_per_case: int = 1, progress: Progress | None = None) -> BatchResult:
-    """Run every case with ``options`` (its volume, reference and out are set per case); write OUT/batch.csv.
+    """Run every case and write the table ``OUT/batch.csv``.
 
-    ``workers`` > 1 runs cases in that many local processes; ``scheduler`` (a Dask address) runs them
-    on a Dask distributed cluster whose workers see the same files. Each case uses
-    ``threads_per_case`` torch threads wherever it runs.
+    Args:
+        cases: the cases, in table order.
+        options: the run options of every case (its volume, reference and output folder are set per case).
+        out: the batch's folder: ``OUT/<case>/`` per case and the table.
+        workers: > 1 runs cases in that many local processes.
+        scheduler: a Dask scheduler address: runs the cases on that cluster (its workers must see the same files).
+        threads_per_case: torch threads of each case, wherever it runs.
+        progress: receives the ``cases`` stage and a note per failed case (default: silent).
+
+    Returns:
+        The rows (in case order) and the table's path.
     """
     progress = progress or Progress()
     validate_options(options)
@@ -186,7 +209,14 @@ def _on_dask(cases, options: RunOptions, out: Path, address: str, threads: int) 
 
 @contextlib.contextmanager
 def torch_threads(threads: int):
-    """Run the block with ``threads`` torch threads, then restore the process's setting."""
+    """Run the block with ``threads`` torch threads, then restore the process's setting.
+
+    Args:
+        threads: torch's intra-op thread count inside the block.
+
+    Returns:
+        A context manager.
+    """
     import torch
 
     previous = torch.get_num_threads()
@@ -206,7 +236,17 @@ def _row_of(future, case: BatchCase, out: Path) -> dict:
 
 
 def run_case(case: BatchCase, options: RunOptions, out: Path, threads: int = 1) -> dict:
-    """Run one case into ``out/<case>`` unless it is already complete; its table row (failures included)."""
+    """Run one case into ``out/<case>`` unless it is already complete (a worker's task).
+
+    Args:
+        case: the case.
+        options: the batch's run options.
+        out: the batch's folder.
+        threads: torch threads for the run.
+
+    Returns:
+        The case's table row; a failure is recorded (row and ``error.txt``), never raised.
+    """
     from .cli import quiet_libraries
 
     quiet_libraries()  # workers are fresh processes: keep library chatter out of the batch's output, as the CLI does
@@ -259,7 +299,17 @@ def completed_summary(folder: Path, case: BatchCase) -> RunSummary | None:
 
 
 def record_failure(case: BatchCase, out: Path, message: str, details: str) -> dict:
-    """Write ``out/<case>/error.txt`` and return the case's failed row."""
+    """Record a failed case.
+
+    Args:
+        case: the case.
+        out: the batch's folder (``out/<case>/error.txt`` is written).
+        message: one line for the table.
+        details: the text for ``error.txt`` (a traceback for a bug).
+
+    Returns:
+        The case's failed row.
+    """
     try:
         write_text_atomically(out / case.name / ERROR_NAME, f"{message}\n\n{details}\n" if details != message else f"{message}\n")
     except OSError:
@@ -306,7 +356,14 @@ def _rounded(value: float | None) -> float | None:
 
 
 def table_text(rows: list[dict]) -> str:
-    """CSV of the rows: the leading columns, then every other column in order of first appearance, timings last."""
+    """The batch table as CSV text.
+
+    Args:
+        rows: the table rows (``case_row``), in case order.
+
+    Returns:
+        CSV with the leading columns, then every other column in order of first appearance, the timings last.
+    """
     columns = list(LEADING_COLUMNS)
     for row in rows:
         columns += [key for key in row if key not in columns]

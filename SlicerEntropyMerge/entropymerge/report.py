@@ -52,9 +52,21 @@ ASSETS = "report_assets"  # the page's style sheet and script (package data), in
 
 def write_report(run_dir: str | Path, out: str | Path | None = None, volume: str | Path | None = None,
                  overwrite: bool = False, progress: Progress | None = None) -> Path:
-    """Write the HTML report of the run in ``run_dir`` (default ``run_dir/report.html``); returns its path.
+    """Write the HTML report of a finished run.
 
-    ``volume`` replaces the target path recorded in summary.json (for a volume that has moved).
+    Args:
+        run_dir: the run's output folder.
+        out: the HTML file to write (default ``run_dir/report.html``).
+        volume: the target volume, replacing the path recorded in summary.json (for a volume that has moved).
+        overwrite: replace an existing ``out``.
+        progress: receives the ``report`` stage (default: silent).
+
+    Returns:
+        The path of the written report.
+
+    Raises:
+        UserInputError: ``out`` is not an .html file or exists, the run is not finished or wrote no
+            segmentation, or a file cannot be read or written.
     """
     progress = progress or Progress()
     run_dir = Path(run_dir)
@@ -156,13 +168,29 @@ def render_report(summary: RunSummary, target: Volume, entropy: np.ndarray, laye
 
 
 def asset(name: str) -> str:
-    """The text of ``report_assets/<name>`` (the style sheet ``report.css``, or ``report.js``, the script that
-    draws the pre-oriented uint8 slices the page carries; see ``render_report`` for the data layout)."""
+    """The text of a file the page inlines.
+
+    Args:
+        name: ``report.css`` (the style sheet) or ``report.js`` (the script that draws the pre-oriented
+            uint8 slices the page carries; see ``render_report`` for the data layout).
+
+    Returns:
+        The file's text (package data in ``report_assets``).
+    """
     return (resources.files(__package__) / ASSETS / name).read_text(encoding="utf-8")
 
 
 def preview(array: np.ndarray, geometry) -> CanonicalVolume:
-    """``array`` in canonical RAS order, subsampled to at most MAX_PREVIEW_SIZE voxels per axis (spacing scaled)."""
+    """What the page shows of a volume.
+
+    Args:
+        array: (i, j, k) values on ``geometry``'s grid.
+        geometry: the grid of ``array``.
+
+    Returns:
+        ``array`` in canonical RAS order, subsampled to at most ``MAX_PREVIEW_SIZE`` voxels per axis
+        (every n-th voxel), with its spacing (mm) scaled to match.
+    """
     volume = canonical(array, geometry)
     steps = [max(1, math.ceil(n / MAX_PREVIEW_SIZE)) for n in volume.array.shape]
     return CanonicalVolume(volume.array[:: steps[0], :: steps[1], :: steps[2]],
@@ -170,7 +198,15 @@ def preview(array: np.ndarray, geometry) -> CanonicalVolume:
 
 
 def packed(volume: CanonicalVolume, to_bytes) -> str:
-    """Base64 of the zlib-compressed uint8 array (C order); ``to_bytes`` maps the values to 0..255."""
+    """A volume as the page carries it.
+
+    Args:
+        volume: the canonical volume.
+        to_bytes: maps its values (float32) to 0..255; the result is rounded and clipped.
+
+    Returns:
+        Base64 text of the zlib-compressed uint8 array (C order).
+    """
     values = np.clip(np.round(to_bytes(volume.array.astype(np.float32))), 0, 255).astype(np.uint8)
     return base64.b64encode(zlib.compress(values.tobytes(), 9)).decode("ascii")
 
@@ -183,6 +219,14 @@ def view_layout(image: CanonicalVolume, labels: CanonicalVolume, view: str) -> d
     read off ``CanonicalVolume.slice`` applied to an array of element numbers, so the page shows
     exactly what the figures show. Also: slice count, aspect (height/width per pixel), mm per pixel
     (horizontal, vertical), mm between slices, and the slice to show first (through the largest structure).
+
+    Args:
+        image: the canonical preview of the target.
+        labels: the canonical preview of the merged segmentation (it chooses the first slice).
+        view: ``axial``, ``coronal`` or ``sagittal``.
+
+    Returns:
+        The layout as JSON-ready values (see above), with the screen edges' anatomical letters.
     """
     numbers = CanonicalVolume(np.arange(image.array.size).reshape(image.array.shape), image.spacing)
     first, aspect = numbers.slice(view, 0)

@@ -53,13 +53,28 @@ def result_title(summary: RunSummary) -> str:
 
 
 def dice_text(evaluation: Evaluation | None) -> str:
-    """``"mean Dice 0.812"``, or an empty text without an evaluation or a mean."""
+    """A segmentation's mean Dice as a caption.
+
+    Args:
+        evaluation: the segmentation against the reference, or None.
+
+    Returns:
+        ``"mean Dice 0.812"``, or an empty text without an evaluation or a mean.
+    """
     return f"mean Dice {evaluation.mean_dice:.3f}" if evaluation and evaluation.mean_dice is not None else ""
 
 
 def model_subtitle(summary: RunSummary, name: str) -> str:
-    """The caption of site model ``name`` in the grid: its coefficients (alpha; beta when the head was
-    decoupled) and its mean Dice when it ran on its own against a reference."""
+    """The caption of a site model in the grid.
+
+    Args:
+        summary: the run's summary.
+        name: the site model's name.
+
+    Returns:
+        Its coefficients (alpha; beta when the head was decoupled) and its mean Dice when it ran on its
+        own against a reference, joined by " · ".
+    """
     coefficients = summary.coefficients
     shown = (("body", "α"), ("head", "β")) if summary.decoupled_head else (("body", "α"),)
     parts = [f"{symbol} {getattr(coefficients, key)[name]:.3f}" for key, symbol in shown if getattr(coefficients, key)]
@@ -84,7 +99,14 @@ def _table(header: list[str], rows: list[list[str]], caption: str = "", text_col
 
 
 def run_facts(summary: RunSummary) -> str:
-    """The page's subtitle: method, site models, device, date and target (an HTML paragraph)."""
+    """The page's subtitle.
+
+    Args:
+        summary: the run's summary.
+
+    Returns:
+        An HTML paragraph: method, site models, device, date and target.
+    """
     models = ", ".join(_e(name) for name in summary.model_names)
     return (f"<p class=\"facts\"><b>Method</b> {_e(summary.method)} · <b>site models</b> {models} · "
             f"<b>device</b> {_e(summary.device)} · <b>created</b> {_e(summary.created)}<br>"

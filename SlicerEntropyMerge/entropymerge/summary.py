@@ -144,11 +144,13 @@ class Evaluation:
 
     @classmethod
     def from_json(cls, data: dict, where: str = "evaluation") -> Evaluation:
+        """The record from ``metrics.evaluate``'s dict (or its JSON); ``where``: its key path, for messages."""
         per_class = _get(data, "per_class", where)
         return cls({name: _record(ClassScores, scores, f"{where}.per_class.{name}") for name, scores in per_class.items()},
                    *(_get(data, key, where) for key in ("mean_dice", "mean_hd95_mm", "classes_in_reference")))
 
     def to_json(self) -> dict:
+        """The record as ``metrics.evaluate`` gives it (plain JSON types, same key order)."""
         return {"per_class": {name: vars(scores).copy() for name, scores in self.per_class.items()}, "mean_dice": self.mean_dice,
                 "mean_hd95_mm": self.mean_hd95_mm, "classes_in_reference": list(self.classes_in_reference)}
 
@@ -161,12 +163,14 @@ class ModelResult:
 
     @classmethod
     def from_json(cls, data: dict, where: str) -> ModelResult:
+        """The record from ``{}`` or ``{"evaluation": ...}``; ``where``: its key path, for messages."""
         if not isinstance(data, dict):
             raise TypeError(f"{where} is {type(data).__name__}, not an object")
         evaluation = data.get("evaluation")
         return cls(Evaluation.from_json(evaluation, f"{where}.evaluation") if evaluation else None)
 
     def to_json(self) -> dict:
+        """``{"evaluation": ...}``, or ``{}`` when the model ran without a reference."""
         return {"evaluation": self.evaluation.to_json()} if self.evaluation else {}
 
 
@@ -258,6 +262,7 @@ class RunSummary:
 
     @property
     def model_names(self) -> list[str]:
+        """The site models' names, in the run's order."""
         return [model.name for model in self.models]
 
     @property
