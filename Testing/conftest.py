@@ -101,6 +101,24 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     )
 
 
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    """The one ``error: ...`` line of a command that exited 2 (asserted: exit status 2, one line on stderr)."""
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+IDENTITY = ((1, 0, 0), (0, 1, 0), (0, 0, 1))
+
+
+@pytest.fixture
+def volume(tmp_path):
+    """``small.nii.gz``: 20^3 voxels of 2 mm, identity direction, seeded Gaussian noise (float32); returns its path."""
+    geometry = Geometry((20, 20, 20), (2.0, 2.0, 2.0), (0, 0, 0), IDENTITY)
+    return write_volume(np.random.default_rng(1).normal(size=geometry.shape).astype(np.float32), geometry, tmp_path / "small.nii.gz")
+
+
 @pytest.fixture(scope="module")
 def mind_models(tmp_path_factory):
     """Three MIND-feature site models fine-tuned (here: perturbed) from one shared initialisation."""
