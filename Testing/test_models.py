@@ -10,9 +10,10 @@ import torch
 import yaml
 
 from conftest import make_card, shared_file
+from entropymerge.compatibility import check_compatible
 from entropymerge.errors import CodeExecutionRefused, UserInputError
 from entropymerge.modelcard import FeatureSpec, ModelCard
-from entropymerge.models import check_compatible, load_site_model, load_site_models, load_state_dict_file
+from entropymerge.models import load_site_model, load_site_models, load_state_dict_file
 from entropymerge.safeconfig import build_network
 
 BUNDLE = "monai_bundle_segmentation_template"

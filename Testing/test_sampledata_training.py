@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from entropymerge.cli import main
-from entropymerge.models import check_compatible, load_site_models
+from entropymerge.compatibility import check_compatible
+from entropymerge.models import load_site_models
 from entropymerge.safeconfig import build_network
 from entropymerge.sampledata import LABEL_NAMES, SOURCE_SITES, TARGET_SITES, TISSUES, simulate, write_case
 from entropymerge.training import TrainingConfig, case_seed, model_card, prepare_cases, train_stage

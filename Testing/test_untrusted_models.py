@@ -187,7 +187,7 @@ def test_a_classification_network_is_refused(tmp_path):
     network = {"_target_": "Classifier", "in_shape": [1, 32, 32, 32], "classes": 3, "channels": [2], "strides": [2]}
     card = make_card("classifier", network=network)
     path = save_site_model(build_network(network, "test"), card, tmp_path)
-    from entropymerge.models import check_runs
+    from entropymerge.compatibility import check_runs
 
     with pytest.raises(UserInputError, match=r"gives \(1, 3\) for a sliding window of 32x32x32 voxels; a segmentation network"):
         check_runs(load_site_model(path), (32, 32, 32))

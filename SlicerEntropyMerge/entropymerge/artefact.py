@@ -34,6 +34,7 @@ NORM_ARGUMENTS = ("norm", "norm_name")  # how MONAI networks name their normalis
 
 
 def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, as 64 hexadecimal digits (read in 1 MiB blocks)."""
     digest = hashlib.sha256()
     with open(path, "rb") as stream:
         for block in iter(lambda: stream.read(1 << 20), b""):
@@ -49,13 +50,22 @@ def source_record(model: SiteModel) -> dict:
 
 
 def named_coefficients(models: Sequence[SiteModel], values) -> dict[str, float] | None:
-    """{model name: coefficient} at full precision (the card must reproduce the merge exactly)."""
+    """{model name: coefficient} at full precision (the card must reproduce the merge exactly); None for None."""
     return None if values is None else {m.name: float(v) for m, v in zip(models, values)}
 
 
 def check_model_folder(folder: Path, overwrite: bool, protected: Sequence[Path] = ()) -> None:
-    """Refuse, before any work, a model folder that holds files unless ``overwrite``, or that holds an input
-    (``protected``: the source models, the volume)."""
+    """Refuse, before any work, a model folder that holds files unless ``overwrite``, or that holds an input.
+
+    Args:
+        folder: where the merged model will be written.
+        overwrite: allow a folder that already holds files.
+        protected: the command's inputs (the source models, the volume).
+
+    Raises:
+        UserInputError: a file where the folder should be, a non-empty folder without ``overwrite``,
+            a folder holding an input, or a folder that cannot be written.
+    """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UserInputError(f"model folder {folder} is a file, not a folder")
@@ -76,6 +86,16 @@ def network_spec(network: torch.nn.Module, spec: dict) -> dict:
     Usually ``spec`` itself. After adaptation, normalisation layers built without affine
     parameters carry the identity affines they were given (and then trained): the spec is then
     the same network with affine normalisation (``norm=(name, {"affine": True})``).
+
+    Args:
+        network: the merged (and perhaps adapted) network.
+        spec: the sources' network spec.
+
+    Returns:
+        ``spec``, or ``spec`` with affine normalisation.
+
+    Raises:
+        UserInputError: neither spec builds a network with ``network``'s parameter names and shapes.
     """
     expected = {k: tuple(v.shape) for k, v in network.state_dict().items()}
     layouts = lambda s: {k: tuple(v.shape) for k, v in build_network(s, "merged model").state_dict().items()}
@@ -117,7 +137,25 @@ def merged_model_card(
     inference: InferenceSettings | None = None,
     adaptation: dict | None = None,
 ) -> ModelCard:
-    """The card of a merged network: the sources' card fields and the merge's provenance in ``training``."""
+    """The card of a merged network: the sources' card fields and the merge's provenance in ``training``.
+
+    Args:
+        models: the K source models (the first one's card is the template).
+        network: the merged network.
+        name: the new model's name.
+        method: the merge method's name.
+        body, head: the K body coefficients alpha and, with a decoupled head, the K head coefficients beta.
+        head_keys: the state-dict keys merged with ``head``.
+        volume: the volume the coefficients were chosen for (file name), if any.
+        inference: the run's sliding-window settings; None for the first card's.
+        adaptation: the record of a test-time adaptation, if any.
+
+    Returns:
+        The card (``weights`` unset until it is saved).
+
+    Raises:
+        UserInputError: the sources are TorchScript programs (no network spec to write).
+    """
     first = models[0].card
     if first.network is None:
         raise UserInputError(f"'{models[0].name}' is a TorchScript program: a merge of it cannot be saved as weights and a model card")
@@ -181,6 +219,7 @@ def parse_coefficients(text: str, count: int, option: str) -> np.ndarray:
 
 
 def checked_coefficients(values, count: int, option: str) -> np.ndarray:
+    """``values`` as (count,) float64 coefficients, after the checks of ``parse_coefficients`` (``option`` names them)."""
     values = np.asarray(values, dtype=np.float64)
     if values.shape != (count,):
         raise UserInputError(f"{option} has {values.size} values but {count} models were given; give one per model, in order")
@@ -223,9 +262,10 @@ def merge_to_folder(model_paths: Sequence[Path], folder: Path, *, coefficients: 
                     overwrite: bool = False, trust_code: bool = False, notes: list[str] | None = None) -> dict[str, str]:
     """``entropymerge merge``: merge the site models with given (or a run's) coefficients, without a volume,
     and write the merged network as a site model into ``folder``. Without coefficients: the mean merge."""
+    from .compatibility import check_compatible
     from .head import detect_head
     from .merging import mean_coefficients
-    from .models import check_compatible, expand_model_paths, load_site_models
+    from .models import expand_model_paths, load_site_models
     from .weights import merged_network
 
     if coefficients and from_summary:

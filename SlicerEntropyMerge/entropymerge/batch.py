@@ -21,8 +21,9 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from .compatibility import check_compatible
 from .errors import UserInputError
-from .models import check_compatible, load_site_models
+from .models import load_site_models
 from .outputs import clean_after_killed_runs, safe_file_stem, write_text_atomically
 from .pipeline import RunOptions, run, validate_options
 from .progress import Progress

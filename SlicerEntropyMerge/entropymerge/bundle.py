@@ -17,11 +17,19 @@ DEFAULT_ROI = (96, 96, 96)
 
 
 def is_bundle(path: Path) -> bool:
+    """True for a folder with a ``configs`` folder inside (a MONAI bundle)."""
     return path.is_dir() and (path / "configs").is_dir()
 
 
 def read_config_file(path: Path) -> dict:
-    """Parse a JSON or YAML config with a safe loader (no Python object tags)."""
+    """Parse a bundle's JSON or YAML config with a safe loader (no Python object tags).
+
+    Returns:
+        The top-level mapping.
+
+    Raises:
+        UserInputError: as ``validation.read_config``, or a top level that is not a mapping.
+    """
     data = read_config(path, "bundle config")
     if not isinstance(data, dict):
         raise UserInputError(f"bundle config {path} must be a mapping at the top level")
@@ -29,7 +37,25 @@ def read_config_file(path: Path) -> dict:
 
 
 def read_bundle(root: Path, trust_code: bool = False) -> tuple[ModelCard, Path, list[str]]:
-    """Model card, weights file and notes for the MONAI bundle at ``root``."""
+    """Model card, weights file and notes for the MONAI bundle at ``root``.
+
+    The card comes from ``configs/metadata.json`` (name, channels, labels from ``channel_def``) and
+    ``configs/inference.json|yaml`` (``network_def``, the preprocessing transforms, the inferer); it
+    meets the same checks as a model card file.
+
+    Args:
+        root: the bundle folder.
+        trust_code: let MONAI evaluate ``$`` expressions in the config (refused otherwise).
+
+    Returns:
+        (card, weights, notes): the card, the first of ``models/model.safetensors|pt|pth|ts`` found,
+        and what had to be assumed (for the user).
+
+    Raises:
+        UserInputError: missing configs or weights, files outside the bundle, unsupported transforms
+            or inferer settings, or values of the wrong type.
+        CodeExecutionRefused: a ``$`` expression is needed and ``trust_code`` is False.
+    """
     configs = root / "configs"
     config_path = next((configs / name for name in INFERENCE_CONFIG_NAMES if (configs / name).is_file()), None)
     if config_path is None:

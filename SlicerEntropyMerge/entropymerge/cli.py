@@ -410,8 +410,8 @@ def command_train(args, progress: Progress) -> None:
 def command_models(args, progress: Progress) -> int:
     import json
 
+    from .compatibility import describe_models
     from .inference import describe_device, resolve_device
-    from .models import describe_models
 
     entries = describe_models(args.paths, args.trust_code)
     device = describe_device(resolve_device("auto"))

@@ -29,18 +29,21 @@ DEFAULT_COLORS = (
 
 @dataclass(frozen=True)
 class Label:
+    """One output class: its channel index ``value`` (0 is background), ``name`` and ``#rrggbb`` colour."""
+
     value: int
     name: str
     color: str  # "#rrggbb"
 
     @property
     def rgb(self) -> tuple[float, float, float]:
+        """The colour as (r, g, b) floats in [0, 1]."""
         return tuple(int(self.color[i : i + 2], 16) / 255.0 for i in (1, 3, 5))
 
 
 @dataclass(frozen=True)
 class FeatureSpec:
-    """Which stable-feature extractor produced the extra input channels, and which version of it."""
+    """Which stable-feature extractor produced the extra input channels (``channels`` of them), and which version of it."""
 
     extractor: str
     version: str
@@ -49,13 +52,20 @@ class FeatureSpec:
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """Where the model works (orientation, spacing in mm) and how intensities are normalised."""
+    """Where the model works and how intensities are normalised.
+
+    Attributes:
+        orientation: axis codes of the model grid (e.g. ``"RAS"``); None keeps the input's.
+        spacing: voxel spacing of the model grid in mm along its x, y, z; None keeps the input's.
+        intensity: MONAI intensity steps ``{"_target_": name, **arguments}``, applied in order.
+    """
 
     orientation: str | None = None
     spacing: tuple[float, float, float] | None = None
     intensity: tuple[dict, ...] = ()
 
     def to_json(self) -> dict:
+        """The card's ``preprocessing`` object."""
         return {
             "orientation": self.orientation,
             "spacing": list(self.spacing) if self.spacing else None,
@@ -85,6 +95,14 @@ class InferenceSettings:
 
 @dataclass
 class ModelCard:
+    """Everything the engine must know about a site model besides its weights (the README documents each field).
+
+    ``labels`` are the output channels in order (background first); ``input_channels`` is 1 (the
+    image) plus the feature channels of ``features``; ``network`` is a MONAI network spec (None for
+    TorchScript); ``weights`` a file name beside the card; ``head`` and ``feature_taps`` name modules
+    of the network; ``training`` is free-form provenance.
+    """
+
     name: str
     labels: tuple[Label, ...]
     input_channels: int
@@ -101,9 +119,11 @@ class ModelCard:
 
     @property
     def num_classes(self) -> int:
+        """The number of output channels (labels, background included)."""
         return len(self.labels)
 
     def to_json(self) -> dict:
+        """The card as JSON data (``from_json`` reads it back)."""
         return {
             "format": CARD_FORMAT,
             "format_version": CARD_VERSION,
@@ -134,13 +154,25 @@ class ModelCard:
         }
 
     def save(self, path: str | Path) -> Path:
+        """Write the card to ``path`` as indented UTF-8 JSON; returns ``path``."""
         path = Path(path)
         path.write_text(json.dumps(self.to_json(), indent=2) + "\n", encoding="utf-8")
         return path
 
     @classmethod
     def from_json(cls, data: Any, source: str | Path) -> "ModelCard":
-        """Validate a parsed card; every problem is reported as ``source: field ...``."""
+        """Validate a parsed card.
+
+        Args:
+            data: the parsed JSON.
+            source: where it came from, for messages.
+
+        Returns:
+            The card.
+
+        Raises:
+            UserInputError: the first problem, as ``model card <source>: field '<name>' ...``.
+        """
         check = _Checker(source)
         check.that(isinstance(data, dict), "", "the model card must be a JSON object")
         check.that(data.get("format") == CARD_FORMAT, "format", f"must be {CARD_FORMAT!r}")
@@ -196,6 +228,7 @@ class ModelCard:
 
     @classmethod
     def load(cls, path: str | Path) -> "ModelCard":
+        """Read and validate the card file at ``path`` (``UserInputError`` for any problem)."""
         path = Path(path)
         return cls.from_json(read_config(path, "model card"), path)
 
@@ -216,6 +249,7 @@ def is_hex_color(value: Any) -> bool:
 
 
 def default_labels(names: list[str]) -> tuple[Label, ...]:
+    """Labels with values 0, 1, ... for ``names``: background black, the others ``DEFAULT_COLORS`` in turn."""
     return tuple(Label(i, name, DEFAULT_COLORS[(i - 1) % len(DEFAULT_COLORS)] if i else "#000000") for i, name in enumerate(names))
 
 

@@ -1,4 +1,4 @@
-"""Loading site models from untrusted files, and checking that a set of them can be merged.
+"""Loading site models from untrusted files (``compatibility`` checks that a set of them can be merged).
 
 A site model is given as a model card (``*.json`` that names its weights), as a weights file with
 its card beside it (``site.safetensors`` + ``site.json``), as a MONAI bundle folder, or as a folder
@@ -36,7 +36,17 @@ WEIGHT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.f
 
 @dataclass
 class SiteModel:
-    """One site's model, ready to run: its card, its network with weights loaded, and provenance."""
+    """One site's model, ready to run: its card, its network with weights loaded, and provenance.
+
+    Attributes:
+        name: display name, unique within a run (``load_site_models``).
+        source: the path it was loaded from (card, weights file or bundle folder).
+        card: its model card.
+        network: the network in eval mode on the CPU, weights loaded.
+        kind: ``"weights"``, ``"bundle"`` or ``"torchscript"``.
+        notes: what loading had to assume (e.g. a bundle without preprocessing).
+        weights: the weights (or TorchScript) file it was read from.
+    """
 
     name: str
     source: Path
@@ -47,11 +57,26 @@ class SiteModel:
     weights: Path | None = None  # the weights (or TorchScript) file it was read from
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """The network's parameters and buffers by name."""
         return self.network.state_dict()
 
 
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from ``.safetensors`` or a PyTorch file, never unpickling arbitrary objects."""
+    """Read a state dict from ``.safetensors`` or a PyTorch file, never unpickling arbitrary objects.
+
+    Args:
+        path: a ``.safetensors`` file, or a ``torch.save`` file read with ``weights_only=True``; a state
+            dict wrapped in ``{"state_dict": ...}`` (or another ``STATE_DICT_WRAPPERS`` key) is unwrapped,
+            and a DataParallel ``module.`` prefix dropped.
+
+    Returns:
+        Parameter name -> tensor, on the CPU.
+
+    Raises:
+        UserInputError: not a regular file, not a weights file, Python objects other than tensors
+            (refused, they could run code), no state dict inside, tensors of a type outside
+            ``WEIGHT_DTYPES``, or NaN/infinite values.
+    """
     regular_file(path, "weights file")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
@@ -116,6 +141,16 @@ def _unwrap_state_dict(loaded, path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights_into(network: torch.nn.Module, state: dict[str, torch.Tensor], weights: Path, card_source) -> None:
+    """Load ``state`` into ``network`` strictly.
+
+    Args:
+        network: the network built from the card.
+        state: the weights (``load_state_dict_file``).
+        weights, card_source: the weights file and the card (or bundle) path, for the message.
+
+    Raises:
+        UserInputError: missing, unexpected or wrongly shaped parameters (the first four of each are named).
+    """
     expected = network.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -138,6 +173,19 @@ def load_site_model(path: str | Path, trust_code: bool = False) -> SiteModel:
 
     Nothing it does reaches the network (``no_network``), and a model's files must lie in its folder.
     What libraries print meanwhile goes to stderr: stdout carries JSON (``--progress json``, ``models --json``).
+
+    Args:
+        path: a model card (``.json``), a weights or TorchScript file with its card beside it
+            (same stem, ``.json``), or a MONAI bundle folder.
+        trust_code: allow what runs a model's own code: TorchScript, bundle ``$`` expressions, and
+            network arguments that fetch weights.
+
+    Returns:
+        The ``SiteModel``, on the CPU in eval mode.
+
+    Raises:
+        UserInputError: anything wrong with the files (one sentence naming the file and the problem).
+        CodeExecutionRefused: the model needs its own code to run and ``trust_code`` is False.
     """
     with no_network(f"site model {path}"), contextlib.redirect_stdout(sys.stderr):
         return _load_site_model(Path(path), trust_code)
@@ -206,7 +254,11 @@ def _load_torchscript(path: Path, card: ModelCard, trust_code: bool) -> SiteMode
 
 
 def expand_model_paths(paths: list[str | Path]) -> list[Path]:
-    """Each given path, with a plain folder replaced by the model cards and bundles inside it."""
+    """Each given path, with a plain folder replaced by the model cards and bundles inside it (sorted by name).
+
+    Raises:
+        UserInputError: a folder holds no model card and no bundle.
+    """
     expanded: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir() and not is_bundle(path):
@@ -233,7 +285,8 @@ def model_files(path: Path) -> list[Path]:
 
 
 def load_site_models(paths: list[str | Path], trust_code: bool = False) -> list[SiteModel]:
-    """Load every site model (folders expanded), giving each a unique display name."""
+    """Load every site model (folders expanded, see ``expand_model_paths``), giving each a unique display name
+    (``unique_names``); ``trust_code`` and errors as ``load_site_model``."""
     models = [load_site_model(path, trust_code) for path in expand_model_paths(paths)]
     for model, name in zip(models, unique_names([m.name for m in models])):
         model.name = name
@@ -260,117 +313,18 @@ def unique_names(names: list[str]) -> list[str]:
     return unique
 
 
-def describe_models(paths: list[str | Path], trust_code: bool = False) -> list[dict]:
-    """Each model behind ``paths`` (folders expanded) as a model list shows it, and whether it can join the set.
-
-    Unlike ``load_site_models`` a bad path does not stop the others: its entry carries the problem.
-    Every entry has ``source``, ``name``, ``compatible`` and ``problem`` (None when compatible);
-    loaded models add ``site``, ``kind`` and ``labels``. Compatibility is judged against the first
-    model that loads, with the same rules as ``check_compatible``.
-    """
-    entries: list[dict] = []
-    first: SiteModel | None = None
-    reference: dict = {}
-    for given in map(Path, paths):
-        try:
-            sources = expand_model_paths([given])
-        except UserInputError as error:
-            entries.append({"source": str(given), "name": given.name, "compatible": False, "problem": str(error)})
-            continue
-        for source in sources:
-            try:
-                model = load_site_model(source, trust_code)
-            except UserInputError as error:
-                entries.append({"source": str(source), "name": source.stem, "compatible": False, "problem": str(error)})
-                continue
-            problem = None
-            if first is None:
-                first, reference = model, {k: tuple(v.shape) for k, v in model.state_dict().items()}
-            else:
-                difference = _first_difference(first, reference, model)
-                problem = f"cannot be used with '{first.name}': {difference}" if difference else None
-            entries.append({
-                "source": str(source), "name": model.name, "site": model.card.site, "kind": model.kind,
-                "labels": [{"value": l.value, "name": l.name, "color": l.color} for l in model.card.labels],
-                "compatible": problem is None, "problem": problem,
-            })
-    for entry, name in zip(entries, unique_names([entry["name"] for entry in entries])):
-        entry["name"] = name
-    return entries
-
-
-def check_runs(model: SiteModel, window: tuple[int, int, int], what: str = "sliding window",
-               device: torch.device | str = "cpu") -> None:
-    """One forward pass of zeros, (1, C_in, *window), through ``model`` on ``device`` before any real work.
-
-    Its card's input channels must fit the network, the window must suit the network's strides,
-    and the output must be a segmentation on the window: (1, number of labels, *window).
-    """
-    card, size = model.card, "x".join(map(str, window))
-    where = f"site model '{model.name}' ({model.source})"
-    try:
-        with torch.no_grad():
-            output = model.network.to(device).eval()(torch.zeros(1, card.input_channels, *window, device=device))
-    except torch.cuda.OutOfMemoryError:
-        return  # not a problem of the model: inference falls back to smaller batches or the CPU
-    except Exception as error:  # whatever the network raises, the cause is the card, the window or the network spec
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise UserInputError(f"{where} cannot run on a {what} of {size} voxels with {card.input_channels} input channel(s): "
-                             f"{reason} (check the card's input_channels and network, and the window size)") from None
-    finally:
-        model.network.cpu()  # where the other site models are, for merging
-    expected = (1, card.num_classes, *window)
-    shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-    if shape != expected:
-        raise UserInputError(f"{where} gives {shape} for a {what} of {size} voxels; a segmentation network with one output "
-                             f"channel per label ({card.num_classes}: {', '.join(l.name for l in card.labels)}) gives {expected}")
-
-
-def check_compatible(models: list[SiteModel]) -> None:
-    """Raise ``UserInputError`` naming the first difference that stops these models being merged."""
-    first = models[0]
-    reference = {k: tuple(v.shape) for k, v in first.state_dict().items()}
-    for other in models[1:]:
-        problem = _first_difference(first, reference, other)
-        if problem:
-            raise UserInputError(
-                f"site models '{first.name}' ({first.source}) and '{other.name}' ({other.source}) cannot be used "
-                f"together: {problem}"
-            )
-
-
-def _first_difference(first: SiteModel, reference: dict, other: SiteModel) -> str | None:
-    shapes = {k: tuple(v.shape) for k, v in other.state_dict().items()}
-    for key in reference:
-        if key not in shapes:
-            return f"parameter '{key}' exists only in the first"
-        if reference[key] != shapes[key]:
-            return f"parameter '{key}' has shape {reference[key]} in the first and {shapes[key]} in the second"
-    extra = next((k for k in shapes if k not in reference), None)
-    if extra:
-        return f"parameter '{extra}' exists only in the second"
-    a, b = first.card, other.card
-    if a.network and b.network and a.network != b.network:
-        key = next(k for k in sorted(set(a.network) | set(b.network)) if a.network.get(k) != b.network.get(k))
-        return f"network setting '{key}' is {a.network.get(key)!r} in the first and {b.network.get(key)!r} in the second"
-    if [(l.value, l.name) for l in a.labels] != [(l.value, l.name) for l in b.labels]:
-        return f"labels differ: {[l.name for l in a.labels]} vs {[l.name for l in b.labels]}"
-    if a.input_channels != b.input_channels:
-        return f"input channels differ: {a.input_channels} vs {b.input_channels}"
-    if a.preprocessing != b.preprocessing:
-        return f"preprocessing differs: {a.preprocessing.to_json()} vs {b.preprocessing.to_json()}"
-    if a.features != b.features:
-        return f"stable-feature specs differ: {_describe_features(a)} vs {_describe_features(b)}"
-    return None
-
-
-def _describe_features(card: ModelCard) -> str:
-    f = card.features
-    return f"{f.extractor} v{f.version} ({f.channels} channels)" if f else "none (image only)"
-
-
 def save_site_model(network: torch.nn.Module, card: ModelCard, folder: str | Path, stem: str | None = None) -> Path:
-    """Write ``<stem>.safetensors`` and its card ``<stem>.json`` into ``folder``; returns the card path."""
+    """Write a network as a site model: ``<stem>.safetensors`` and its card ``<stem>.json``.
+
+    Args:
+        network: the network whose state dict is saved (copied to the CPU, contiguous).
+        card: its card; ``weights`` is set to the new file's name.
+        folder: where both files go (made if needed; existing files are replaced).
+        stem: the file name stem; None for ``card.name``.
+
+    Returns:
+        The path of the card.
+    """
     from dataclasses import replace
 
     from safetensors.torch import save_file

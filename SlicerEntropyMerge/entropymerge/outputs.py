@@ -34,15 +34,23 @@ STAGING_PREFIX = ".entropymerge-partial-"
 
 
 def safe_file_stem(name: str) -> str:
-    """A file-name-safe version of a model or label name."""
+    """A file-name-safe version of a model or label name: runs of characters other than letters, digits,
+    ``.``, ``_`` and ``-`` become ``_`` (trimmed at the ends); ``"unnamed"`` when nothing is left."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "unnamed"
 
 
 class OutputFolder:
     """The output folder of one run: locked for the run, staged, and committed all at once.
 
-    ``protected``: the run's input files and folders; no output may replace one or lie inside one.
-    Without ``overwrite`` an output never replaces a file it did not write.
+    Args:
+        folder: the output folder (made if needed, and removed again on abort if the run made it).
+        overwrite: replace the results of an earlier run (``summary.json``) and files of the same names.
+        protected: the run's input files and folders; no output may replace one or lie inside one.
+        volume_format: the suffix of volume outputs, one of ``VOLUME_FORMATS``.
+
+    Raises:
+        UserInputError: an unknown format, a file where the folder should be, a folder that cannot
+            be written, another run holding the folder, or earlier results without ``overwrite``.
     """
 
     def __init__(self, folder: str | os.PathLike, overwrite: bool = False, protected: tuple[Path, ...] = (), volume_format: str = "nii.gz"):
@@ -81,7 +89,11 @@ class OutputFolder:
         return self._staging
 
     def expect(self, *file_names: str) -> None:
-        """Check up front, before any heavy work, that these outputs may be written."""
+        """Check up front, before any heavy work, that these outputs may be written.
+
+        Raises:
+            UserInputError: one would replace an input, or a file this run did not write (without ``overwrite``).
+        """
         for file_name in file_names:
             self._check_final(file_name)
 
@@ -108,6 +120,17 @@ class OutputFolder:
         return candidate
 
     def volume(self, key: str, stem: str, array: np.ndarray, geometry: Geometry) -> None:
+        """Stage a volume as ``<stem>.<volume_format>`` (``<stem>-2...`` when the name is taken), verified by reading it back.
+
+        Args:
+            key: the output's key in ``files`` and the summary (e.g. ``"segmentation"``).
+            stem: the file name without suffix.
+            array: (I, J, K) voxels on ``geometry``.
+            geometry: the input volume's grid.
+
+        Raises:
+            UserInputError: the file may not be written, or writing failed (e.g. a full disk).
+        """
         file_name = self._unique(f"{stem}.{self.volume_format}")
         path = self._target(file_name)
         try:
@@ -118,6 +141,7 @@ class OutputFolder:
         self.files[key] = file_name
 
     def text(self, key: str, file_name: str, text: str) -> None:
+        """Stage ``text`` as ``file_name`` (UTF-8) under ``key``; ``UserInputError`` when it may not or cannot be written."""
         path = self._target(file_name)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -127,12 +151,23 @@ class OutputFolder:
         self.files[key] = file_name
 
     def json(self, key: str, file_name: str, data) -> None:
+        """Stage ``data`` as indented JSON (numpy values and paths converted) under ``key``."""
         self.text(key, file_name, json.dumps(data, indent=2, default=_json_default) + "\n")
 
     def commit(self, summary: dict, release: bool = True) -> dict[str, str]:
         """Move every staged file into the output folder, then write the summary; returns key -> path.
 
         ``release=False`` keeps the folder locked (for files made from the committed ones); call ``release()``.
+
+        Args:
+            summary: the run summary; ``outputs`` (key -> file name) is added to it.
+            release: release the folder's lock afterwards.
+
+        Returns:
+            Output key -> absolute path, ``summary`` included.
+
+        Raises:
+            UserInputError: the files cannot be moved into place.
         """
         summary = dict(summary, outputs=dict(self.files, summary=SUMMARY_NAME))
         self._check_final(SUMMARY_NAME)
@@ -151,11 +186,13 @@ class OutputFolder:
         return {key: str(self.folder / name) for key, name in summary["outputs"].items()}
 
     def abort(self) -> None:
+        """Remove the staged files and release the folder: nothing of this run is left."""
         if self._staging is not None:
             shutil.rmtree(self._staging, ignore_errors=True)
         self.release()
 
     def release(self) -> None:
+        """Release the folder's lock (idempotent)."""
         self._lock.release()
 
 
@@ -203,6 +240,7 @@ class FolderLock:
         self._descriptor = descriptor
 
     def release(self) -> None:
+        """Unlock and remove the lock file; idempotent, and safe when interrupted by a signal."""
         # Forget the descriptor first: a signal (Ctrl-C) raised in here leads to a second call.
         descriptor, self._descriptor = self._descriptor, None
         if descriptor is None:

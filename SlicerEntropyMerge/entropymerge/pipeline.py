@@ -20,6 +20,7 @@ import torch
 from . import __version__
 from .adaptation import adapt
 from .artefact import check_model_folder, merged_model_card, write_model_artefact
+from .compatibility import check_compatible, check_runs
 from .entropy import predicted_labels
 from .errors import UserInputError
 from .features import FeatureCache, get_extractor, model_inputs
@@ -28,7 +29,7 @@ from .merging import STATISTICS, MergePlan, one_hot, plan_statistics, site_score
 from .methods import PlanContext, get_method
 from .metrics import evaluate
 from .modelcard import InferenceSettings, ModelCard
-from .models import SiteModel, check_compatible, check_runs, expand_model_paths, load_site_models, model_files
+from .models import SiteModel, expand_model_paths, load_site_models, model_files
 from .outputs import OutputFolder, safe_file_stem
 from .padding import fit_to_volume, network_multiple, round_up
 from .preprocessing import ModelSpaceImage, labels_to_model_space, to_model_space

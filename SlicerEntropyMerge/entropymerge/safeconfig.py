@@ -47,6 +47,7 @@ ID_SEPARATOR = re.compile(r"::|#")
 
 
 def short_name(target: str) -> str:
+    """The class name of a dotted ``_target_`` (``monai.networks.nets.UNet`` -> ``UNet``)."""
     return target.rsplit(".", 1)[-1]
 
 
@@ -63,7 +64,18 @@ def array_transform_name(target: str) -> str:
 
 
 def network_class(target: str, where: str) -> type[torch.nn.Module]:
-    """The MONAI network class a ``_target_`` names; anything else is refused."""
+    """The MONAI network class a ``_target_`` names; anything else is refused.
+
+    Args:
+        target: ``"UNet"`` or ``"monai.networks.nets.UNet"`` style name.
+        where: where the target is written, for the message.
+
+    Returns:
+        The class from ``monai.networks.nets``.
+
+    Raises:
+        UserInputError: not a string, or not a network class of ``monai.networks.nets``.
+    """
     import monai.networks.nets as nets
 
     if not isinstance(target, str):
@@ -85,6 +97,17 @@ def build_network(spec: dict, where: str, trust_code: bool = False) -> torch.nn.
     Arguments with which the network would download or read weights itself (``pretrained``,
     ``*_url``, weight paths) are refused unless ``trust_code``: a model file may not reach the
     network or other files.
+
+    Args:
+        spec: ``{"_target_": name, **constructor arguments}``; keys starting with ``_`` are not passed.
+        where: where the spec is written, for messages.
+        trust_code: allow arguments that fetch or read weights.
+
+    Returns:
+        The network, randomly initialised.
+
+    Raises:
+        UserInputError: not a MONAI network, a fetching argument, or a constructor that fails.
     """
     if not isinstance(spec, dict) or "_target_" not in spec:
         raise UserInputError(f"{where}: the network must be a mapping with a '_target_' MONAI network name")
@@ -105,7 +128,19 @@ def build_network(spec: dict, where: str, trust_code: bool = False) -> torch.nn.
 
 
 def build_intensity_transform(spec: dict, where: str) -> Callable:
-    """Instantiate one allow-listed MONAI intensity transform from ``{"_target_": name, **kwargs}``."""
+    """Instantiate one allow-listed MONAI intensity transform.
+
+    Args:
+        spec: ``{"_target_": name, **kwargs}``; a dictionary transform's name (``ScaleIntensityd``)
+            maps to its array version.
+        where: where the step is written, for messages.
+
+    Returns:
+        The transform (a callable on (C, X, Y, Z) tensors).
+
+    Raises:
+        UserInputError: not in ``INTENSITY_TRANSFORMS``, or arguments its constructor refuses.
+    """
     import monai.transforms
 
     if not isinstance(spec, dict) or "_target_" not in spec:
@@ -146,6 +181,7 @@ class ConfigResolver:
         self._resolved_count = 0
 
     def has(self, id: str) -> bool:
+        """True when an entry exists at ``id`` (``a::b::0`` paths)."""
         try:
             self._lookup(id)
             return True
@@ -157,12 +193,15 @@ class ConfigResolver:
         return self._lookup(id)
 
     def resolve(self, id: str) -> Any:
+        """The entry at ``id`` with every reference followed (see the class); ``UserInputError`` for
+        circular, dangling or too deeply nested references and for more than ``MAX_RESOLVED_VALUES`` values."""
         try:
             return self.resolve_value(self._lookup(id), id, frozenset())
         except RecursionError:
             raise UserInputError(f"{self._where(id)}: references nest too deeply") from None
 
     def resolve_value(self, value: Any, id: str, visiting: frozenset = frozenset()) -> Any:
+        """``value`` (found at ``id``) resolved; ``visiting``: the references being followed, to catch cycles."""
         self._resolved_count += 1
         if self._resolved_count > MAX_RESOLVED_VALUES:
             raise UserInputError(

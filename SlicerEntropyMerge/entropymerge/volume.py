@@ -29,7 +29,14 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 @dataclass(frozen=True)
 class Geometry:
-    """The voxel grid of a volume: shape, spacing (mm), origin (LPS mm) and direction (3x3, LPS)."""
+    """The voxel grid of a volume, as ITK describes it.
+
+    Attributes:
+        shape: voxels along i, j, k.
+        spacing: voxel size in mm along i, j, k.
+        origin: the centre of voxel (0, 0, 0) in LPS mm.
+        direction: 3x3 rows of the LPS direction matrix; column n is the unit direction of voxel axis n.
+    """
 
     shape: tuple[int, int, int]
     spacing: tuple[float, float, float]
@@ -38,7 +45,12 @@ class Geometry:
 
     @classmethod
     def from_affine_ras(cls, affine_ras: np.ndarray, shape) -> "Geometry":
-        """Geometry of a grid given its 4x4 voxel-to-RAS matrix (as MONAI and nibabel give it)."""
+        """Geometry of a grid given its 4x4 voxel-to-RAS matrix (as MONAI and nibabel give it).
+
+        Args:
+            affine_ras: 4x4 voxel-index-to-RAS-mm matrix.
+            shape: voxels along i, j, k.
+        """
         affine_lps = LPS_TO_RAS @ np.asarray(affine_ras, dtype=np.float64)
         linear = affine_lps[:3, :3]
         spacing = np.linalg.norm(linear, axis=0)
@@ -52,6 +64,7 @@ class Geometry:
 
     @property
     def affine_lps(self) -> np.ndarray:
+        """4x4 matrix from voxel index (i, j, k, 1) to LPS mm (ITK's convention)."""
         affine = np.eye(4)
         affine[:3, :3] = np.asarray(self.direction) * np.asarray(self.spacing)
         affine[:3, 3] = self.origin
@@ -59,6 +72,7 @@ class Geometry:
 
     @property
     def affine_ras(self) -> np.ndarray:
+        """4x4 matrix from voxel index (i, j, k, 1) to RAS mm (NIfTI's, MONAI's and 3D Slicer's convention)."""
         return LPS_TO_RAS @ self.affine_lps
 
     @property
@@ -72,7 +86,8 @@ class Geometry:
         return codes
 
     def matches(self, other: "Geometry", tolerance_mm: float = 1e-3) -> bool:
-        """True when both grids put every voxel at the same physical place."""
+        """True when both grids have the same shape and put every corner (hence every voxel) within
+        ``tolerance_mm`` millimetres of the same physical place."""
         if self.shape != other.shape:
             return False
         corners = np.array(
@@ -81,6 +96,7 @@ class Geometry:
         return bool(np.abs(self.affine_lps @ corners - other.affine_lps @ corners).max() <= tolerance_mm)
 
     def describe(self) -> str:
+        """One line for messages: shape, spacing (mm), origin (LPS mm) and the closest orientation codes."""
         spacing = "x".join(f"{s:g}" for s in self.spacing)
         origin = ", ".join(f"{o:.2f}" for o in self.origin)
         return f"shape {self.shape}, spacing {spacing} mm, origin ({origin}) LPS, orientation {self.orientation}"
@@ -88,7 +104,7 @@ class Geometry:
 
 @dataclass
 class Volume:
-    """A 3D scalar volume: the voxel array in (i, j, k) order and its geometry."""
+    """A 3D scalar volume: the (I, J, K) voxel array in the file's (i, j, k) order, its geometry, and the path it came from."""
 
     array: np.ndarray
     geometry: Geometry
@@ -110,8 +126,18 @@ def is_label_map_name(name: str) -> bool:
 def read_volume(path: str | os.PathLike, what: str = "volume") -> Volume:
     """Read a 3D scalar volume from NIfTI, NRRD, MHA/MHD, or a folder holding one DICOM series.
 
-    Raises ``UserInputError`` (naming ``what`` and the path) for a missing, unreadable, truncated,
-    non-3D, multi-component or non-finite volume.
+    Args:
+        path: a ``.nii``/``.nii.gz``, ``.nrrd``/``.nhdr``, ``.mha``/``.mhd`` file, or a folder with one DICOM series.
+        what: how messages name the volume (e.g. ``"reference segmentation"``).
+
+    Returns:
+        The ``Volume``: the array in its stored type (native byte order) and the geometry in LPS mm;
+        a 4D file with one time point counts as 3D.
+
+    Raises:
+        UserInputError: (naming ``what`` and the path) a missing, unreadable, truncated, non-3D,
+            multi-component, too large for memory or non-finite volume, values beyond float32, a
+            spacing that is not positive, or a detached data file outside the header's folder.
     """
     path = Path(path)
     if not path.exists():
@@ -167,6 +193,16 @@ def detached_data_files(path: Path, what: str = "volume") -> list[Path]:
     """The data files a detached header (``.mhd``, ``.nhdr``) names; each must be a regular file in the header's folder.
 
     A header could otherwise make the tool read any file on the computer as voxels.
+
+    Args:
+        path: the volume file; other suffixes than ``.mhd`` and ``.nhdr`` give [].
+        what: how messages name the volume.
+
+    Returns:
+        The data files the header names ([] for data inside the header, ``LOCAL``).
+
+    Raises:
+        UserInputError: a data file lists several files, is outside the header's folder or not a regular file.
     """
     separator = {".mhd": "=", ".nhdr": ":"}.get(path.suffix.lower())
     if separator is None:
@@ -270,6 +306,19 @@ def write_volume(array: np.ndarray, geometry: Geometry, path: str | os.PathLike,
     The format follows the suffix of ``path``; NIfTI and NRRD files are compressed. ``verify``
     reads the file back before it is moved into place and raises ``OSError`` unless it holds the
     array: ITK's writer returns normally on a full disk.
+
+    Args:
+        array: (I, J, K) voxels; bool is written as uint8, other types as they are.
+        geometry: the grid to write them on (its shape must be the array's).
+        path: the destination (``.nii.gz``, ``.nrrd``, ``.mha``, ...).
+        verify: read the file back before moving it into place.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ValueError: the array's shape is not the geometry's.
+        OSError: writing failed, or (with ``verify``) the file does not hold the array.
     """
     path = Path(path)
     array = np.asarray(array)
@@ -305,7 +354,20 @@ def _verify_written(path: Path, array: np.ndarray) -> None:
 
 
 def read_label_map(path: str | os.PathLike, geometry: Geometry, what: str = "reference segmentation", allow_negative: bool = False) -> Volume:
-    """Read an integer label map that must lie on ``geometry`` (the target volume's grid)."""
+    """Read an integer label map that must lie on ``geometry`` (the target volume's grid).
+
+    Args:
+        path: the label map file.
+        geometry: the target volume's grid (matched within 1e-3 mm).
+        what: how messages name the file.
+        allow_negative: accept negative values (else refused).
+
+    Returns:
+        The ``Volume`` with an int64 array.
+
+    Raises:
+        UserInputError: as ``read_volume``, a different grid, non-integer values, or negative values.
+    """
     volume = read_volume(path, what)
     if not volume.geometry.matches(geometry):
         raise UserInputError(
