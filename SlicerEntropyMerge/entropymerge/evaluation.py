@@ -21,6 +21,9 @@ from .settings import MergeSettings
 
 @dataclass
 class MethodResult:
+    """One method's segmentation of the case, its wall time (seconds), its evaluation against the
+    reference (``metrics.evaluate``; None without one) and its coefficients (``{"body": {name: alpha}, "head": ...}``)."""
+
     key: str  # e.g. "site:riverside-t1", "mean", "adaptive", "adaptive-coupled", "ensemble", "select", "oracle"
     label: str  # how the table shows it
     segmentation: Segmentation
@@ -30,16 +33,20 @@ class MethodResult:
 
     @property
     def mean_dice(self) -> float | None:
+        """The mean Dice over the reference's labels; None without a reference."""
         return self.evaluation["mean_dice"] if self.evaluation else None
 
 
 @dataclass
 class Comparison:
+    """Every method's result on one case, with the site models' probe statistics and the probe's description."""
+
     results: list[MethodResult] = field(default_factory=list)
     statistics: dict | None = None
     probe: dict | None = None
 
     def get(self, key: str) -> MethodResult:
+        """The result under ``key`` (e.g. ``"adaptive"``, ``"site:<model name>"``); StopIteration when absent."""
         return next(r for r in self.results if r.key == key)
 
 
@@ -59,7 +66,19 @@ def compare_methods(
 ) -> Comparison:
     """Run each site model alone, the mean merge, the entropy-adaptive merge with and without a
     decoupled head, the ensemble, the entropy-selected model and (with a reference) the oracle.
-    ``variants`` adds more adaptive merges (other statistics or temperatures) on the same probe."""
+
+    Args:
+        case: the loaded case (volume in model space, K site models, the reference if any).
+        settings: the merge settings of the methods that plan a merge.
+        probe_patches: how many probe patches the site models see.
+        probe_size: the probe patch size in voxels; None for the default.
+        progress: receives the fraction of methods done.
+        variants: name -> settings of further adaptive merges (other statistics or temperatures)
+            on the same probe.
+
+    Returns:
+        The ``Comparison``, in the order: site models, then the registry's compared methods.
+    """
     progress = progress or Progress()
     models = case.models
     names = [m.name for m in models]
@@ -153,6 +172,8 @@ def comparison_table(comparison: Comparison, case: Case) -> str:
 
 
 def comparison_summary(comparison: Comparison) -> dict:
+    """The comparison as JSON data: the probe, the probe statistics, and per method its key, label,
+    seconds, coefficients and evaluation."""
     return {
         "probe": comparison.probe,
         "probe_statistics": comparison.statistics,

@@ -35,6 +35,8 @@ STATISTICS = ("entropy", "foreground_entropy", "balanced_entropy", "foreground_f
 
 @dataclass
 class PathPoint:
+    """One merged model theta(lam) on the path."""
+
     lam: float  # weight of model B
     markers: tuple[str, ...]  # "A", "B", "mean", "adaptive"
     statistics: dict[str, float]  # the merged model's probe statistics (STATISTICS)
@@ -43,6 +45,8 @@ class PathPoint:
 
 @dataclass
 class InterpolationPath:
+    """The path from model A (lam = 0) to model B (lam = 1), points in increasing lam."""
+
     model_a: str
     model_b: str
     adaptive_alpha_b: float  # the body weight the entropy-adaptive merge gives model B
@@ -62,6 +66,8 @@ class InterpolationPath:
         return float(max(0.0, (values - line).max()))
 
     def to_json(self) -> dict:
+        """The path as summary data: the models, the adaptive coefficients, the entropy barrier (and,
+        with a reference, the Dice barrier, of -Dice) and every point."""
         entropy = [p.statistics["entropy"] for p in self.points]
         result = {
             "model_a": self.model_a,
@@ -77,6 +83,8 @@ class InterpolationPath:
         return result
 
     def to_csv(self) -> str:
+        """``path.csv``: per point lambda, both weights, the markers, the probe statistics and, with a
+        reference, the mean and per-class Dice (6 decimals)."""
         classes = list(self.points[0].evaluation["per_class"]) if self.has_dice else []
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
@@ -98,7 +106,18 @@ def path_lambdas(steps: int, adaptive_alpha_b: float) -> list[tuple[float, tuple
 
 
 def interpolation_path(case: Case, probe: Probe, lambdas, adaptive: tuple[float, float | None], progress: Progress) -> InterpolationPath:
-    """Probe statistics (and, with a reference, the evaluation) of theta(lam) for each (lam, markers) in ``lambdas``."""
+    """Probe statistics (and, with a reference, the evaluation) of theta(lam) for each (lam, markers) in ``lambdas``.
+
+    Args:
+        case: a loaded case with exactly two site models, A and B.
+        probe: the probe the statistics are computed on.
+        lambdas: (weight of B, markers) pairs (``path_lambdas``).
+        adaptive: the adaptive merge's (alpha_B, beta_B or None), recorded in the path.
+        progress: receives the fraction of points done.
+
+    Returns:
+        The ``InterpolationPath``.
+    """
     model_a, model_b = case.models
     batch = probe_batch_size(probe, case.settings.roi_size)
     points = []
@@ -112,7 +131,16 @@ def interpolation_path(case: Case, probe: Probe, lambdas, adaptive: tuple[float,
 
 
 def path_figure(path: InterpolationPath, file: Path, title: str) -> Path:
-    """Probe entropy (left axis) and Dice (right axis, with a reference) against lambda, with the markers."""
+    """Plot probe entropy (left axis) and Dice (right axis, with a reference) against lambda, with the markers.
+
+    Args:
+        path: the path.
+        file: the PNG to write (8.5 x 5.2 inches at 120 dpi).
+        title: the figure's title.
+
+    Returns:
+        ``file``.
+    """
     lams = np.array([p.lam for p in path.points])
     figure, left = plt.subplots(figsize=(8.5, 5.2), layout="constrained")
     lines = [

@@ -108,6 +108,7 @@ ALL_SITES = {**SOURCE_SITES, **TARGET_SITES, "generic": GENERIC_SITE}
 
 
 def site(name: str) -> Scanner:
+    """The scanner of a source, target or the generic site, by name (``UserInputError`` for an unknown one)."""
     if name not in ALL_SITES:
         raise UserInputError(f"unknown site {name!r}; known: {', '.join(ALL_SITES)}")
     return ALL_SITES[name]
@@ -137,6 +138,7 @@ class Anatomy:
 
 
 def random_rotation(rng: np.random.Generator, max_angle: float) -> np.ndarray:
+    """A 3x3 rotation about a random axis by an angle uniform in [-max_angle, max_angle] radians (Rodrigues)."""
     axis = rng.normal(size=3)
     axis /= np.linalg.norm(axis)
     angle = rng.uniform(-max_angle, max_angle)
@@ -145,6 +147,7 @@ def random_rotation(rng: np.random.Generator, max_angle: float) -> np.ndarray:
 
 
 def random_anatomy(rng: np.random.Generator) -> Anatomy:
+    """One random subject: sizes and positions in LPS mm around a centre near the origin."""
     centre = rng.normal(0, 4, 3)
     body = np.array([rng.uniform(58, 68), rng.uniform(46, 54), rng.uniform(70, 80)])
     side = rng.choice([-1.0, 1.0])  # the organ on one side, the distractor on the other
@@ -173,7 +176,15 @@ def random_anatomy(rng: np.random.Generator) -> Anatomy:
 
 
 def tissue_map(anatomy: Anatomy, points: np.ndarray) -> np.ndarray:
-    """Index into TISSUES of each physical point (N, 3) in LPS mm."""
+    """The tissue at each physical point.
+
+    Args:
+        anatomy: the subject.
+        points: (N, 3) positions in LPS mm.
+
+    Returns:
+        (N,) uint8 indices into ``TISSUES``.
+    """
     warped = points.copy()
     for amplitude, wave, phase in anatomy.modes:
         warped += amplitude * np.sin(2 * np.pi * points @ wave + phase)[:, None]
@@ -205,6 +216,7 @@ def tissue_map(anatomy: Anatomy, points: np.ndarray) -> np.ndarray:
 
 
 def scan_geometry(scanner: Scanner, centre: np.ndarray, rng: np.random.Generator) -> Geometry:
+    """The scanner's grid (its field of view, spacing and axis orientation) centred near ``centre`` (LPS mm)."""
     direction = np.array([AXIS_DIRECTIONS_LPS[c] for c in scanner.orientation], dtype=float).T
     shape = tuple(int(round(f / s)) for f, s in zip(scanner.fov_mm, scanner.spacing))
     grid_centre = centre + rng.normal(0, 5, 3)  # the patient is never exactly in the middle
@@ -214,7 +226,17 @@ def scan_geometry(scanner: Scanner, centre: np.ndarray, rng: np.random.Generator
 
 
 def simulate(scanner: Scanner, seed: int, anatomy_seed: int | None = None) -> tuple[Volume, Volume]:
-    """One scan of one random subject: (image, labels), both on the scanner's grid."""
+    """One scan of one random subject.
+
+    Args:
+        scanner: how the site images anatomy.
+        seed: seeds the scanner's randomness (and the anatomy, unless ``anatomy_seed`` is given).
+        anatomy_seed: the subject's seed, to image one subject with several scanners.
+
+    Returns:
+        (image, labels) on the scanner's grid: the image in the scanner's stored type (int16 or
+        float32), the labels uint8 (0 background, 1 organ, 2 vessel, 3 lesion), both (I, J, K).
+    """
     rng = np.random.default_rng([seed, 7])
     anatomy = random_anatomy(np.random.default_rng([seed if anatomy_seed is None else anatomy_seed, 1]))
     geometry = scan_geometry(scanner, anatomy.centre, rng)
@@ -263,7 +285,16 @@ def simulate(scanner: Scanner, seed: int, anatomy_seed: int | None = None) -> tu
 
 
 def write_case(scanner: Scanner, seed: int, folder: Path, stem: str | None = None) -> tuple[Path, Path]:
-    """Simulate and write ``<stem>_image.nii.gz`` and ``<stem>_labels.nii.gz``."""
+    """Simulate a case and write ``<stem>_image.nii.gz`` and ``<stem>_labels.nii.gz`` into ``folder``.
+
+    Args:
+        scanner, seed: as ``simulate``.
+        folder: made if needed.
+        stem: the file names' stem; None for ``<scanner name>_<seed, 5 digits>``.
+
+    Returns:
+        (image path, labels path).
+    """
     image, labels = simulate(scanner, seed)
     stem = stem or f"{scanner.name}_{seed:05d}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -272,6 +303,7 @@ def write_case(scanner: Scanner, seed: int, folder: Path, stem: str | None = Non
 
 
 def describe_sites() -> str:
+    """A plain-text table of every site: name, role (source, target, base) and description."""
     rows = [f"{'site':14} {'role':8} description"]
     for name, scanner in ALL_SITES.items():
         role = "source" if name in SOURCE_SITES else "target" if name in TARGET_SITES else "base"
@@ -286,6 +318,16 @@ def simulate_scribbles(labels: Volume, seed: int, strokes: int = 3, length_mm: f
     interior (the mask eroded by one voxel; background only within 15 mm of the structures); from
     each, a straight line of ``length_mm`` runs in a random direction within the seed's slice
     (constant k), keeping the voxels that stay inside the class. Everything else is ``unlabelled``.
+
+    Args:
+        labels: the (I, J, K) reference label map.
+        seed: seeds the strokes.
+        strokes: strokes per class.
+        length_mm: the length of each stroke in mm.
+        unlabelled: the value of voxels without a scribble.
+
+    Returns:
+        The scribbles as a uint8 ``Volume`` on the labels' grid.
     """
     rng = np.random.default_rng(seed)
     values = labels.array

@@ -34,14 +34,28 @@ SPLIT_OFFSETS = {"train": 0, "validation": 5_000, "test": 900_000}
 
 
 def case_seed(site_name: str, index: int, split: str = "train") -> int:
-    """The seed of case ``index`` of a site. Training and validation seeds stay below 100000;
-    test seeds (benchmarks, bundled targets) start at 900000, so they are never trained on."""
+    """The seed of case ``index`` of a site.
+
+    Training and validation seeds stay below 100000; test seeds (benchmarks, bundled targets) start
+    at 900000, so they are never trained on.
+
+    Args:
+        site_name: ``"generic"``, a source site or a target site of ``sampledata``.
+        index: the case number within the site and split (below 5000).
+        split: ``"train"``, ``"validation"`` or ``"test"``.
+
+    Returns:
+        The seed for ``sampledata.simulate``.
+    """
     names = ["generic", *SOURCE_SITES, *TARGET_SITES]
     return SPLIT_OFFSETS[split] + 10_000 * (names.index(site_name) + 1) + index
 
 
 @dataclass
 class TrainingConfig:
+    """The recipe of ``entropymerge train``: features and dropout, cases and steps per stage, patch size
+    (voxels), learning rates, model spacing (mm), UNet channels, the seed and the checkpoint interval (steps)."""
+
     features: str = "mind-ssc"  # or "none" for image-only models
     channel_dropout: float = 0.75
     sites: tuple[str, ...] = tuple(SOURCE_SITES)
@@ -60,6 +74,7 @@ class TrainingConfig:
     checkpoint_every: int = 50
 
     def check(self) -> None:
+        """Raise ``UserInputError`` for a value the recipe cannot use (named as its command-line option)."""
         if self.features not in ("mind-ssc", "anatomix", "none"):
             raise UserInputError(f"--features must be mind-ssc, anatomix or none, got {self.features!r}")
         if not 0 <= self.channel_dropout < 1:
@@ -75,6 +90,8 @@ class TrainingConfig:
 
 
 def model_card(config: TrainingConfig, name: str, site: str) -> ModelCard:
+    """The card of a sample site model: a MONAI UNet on the image (plus the feature channels), RAS at
+    ``config.spacing`` mm, intensities scaled between the 0.5th and 99.5th percentiles to [0, 1]."""
     extractor = None if config.features == "none" else get_extractor(config.features)
     in_channels = 1 + (extractor.channels if extractor else 0)
     network = {
@@ -94,13 +111,25 @@ def model_card(config: TrainingConfig, name: str, site: str) -> ModelCard:
 
 @dataclass
 class Case:
+    """One simulated training case in model space."""
+
     inputs: torch.Tensor  # (C_in, X, Y, Z) float16
     labels: torch.Tensor  # (X, Y, Z) uint8
     seed: int
 
 
 def prepare_cases(scanner: Scanner, seeds, card: ModelCard, cache: FeatureCache | None = None) -> list[Case]:
-    """Simulate each case, move it into model space and add its feature channels (as inference does)."""
+    """Simulate each case, move it into model space and add its feature channels (as inference does).
+
+    Args:
+        scanner: the site that images the cases.
+        seeds: one ``simulate`` seed per case.
+        card: the model card (preprocessing and feature spec).
+        cache: feature cache; None to compute every time.
+
+    Returns:
+        One ``Case`` per seed: (C_in, X, Y, Z) float16 inputs and (X, Y, Z) uint8 labels (0 outside the scan).
+    """
     extractor = get_extractor(card.features.extractor) if card.features else None
     cases = []
     for seed in seeds:
@@ -112,7 +141,17 @@ def prepare_cases(scanner: Scanner, seeds, card: ModelCard, cache: FeatureCache 
 
 
 def sample_batch(cases: list[Case], rng: np.random.Generator, batch_size: int, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random patches; two in three centred on a foreground voxel of a randomly chosen present class."""
+    """Random patches; two in three centred on a foreground voxel of a randomly chosen present class.
+
+    Args:
+        cases: the cases to draw from.
+        rng: the generator (seeded per step, so a resumed run draws the same patches).
+        batch_size: patches per batch.
+        patch: patch size in voxels per axis; cases smaller than that are zero-padded.
+
+    Returns:
+        (inputs, targets): (B, C_in, patch, patch, patch) float32 and (B, 1, patch, patch, patch) int64.
+    """
     inputs, targets = [], []
     for _ in range(batch_size):
         case = cases[rng.integers(len(cases))]
@@ -135,6 +174,8 @@ def sample_batch(cases: list[Case], rng: np.random.Generator, batch_size: int, p
 
 @dataclass
 class StageResult:
+    """One training stage: its name, steps, last loss, wall time (seconds) and the step it resumed from."""
+
     name: str
     steps: int
     final_loss: float
@@ -152,7 +193,24 @@ def train_stage(
     checkpoint: Path,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> StageResult:
-    """Train ``network`` in place for ``steps`` steps, resuming from ``checkpoint`` when it exists."""
+    """Train ``network`` in place for ``steps`` steps, resuming from ``checkpoint`` when it exists.
+
+    Adam with a cosine schedule on the DiceCE loss; whole-channel dropout of the inputs when the
+    model has feature channels.
+
+    Args:
+        network: the network to train.
+        cases: the training cases.
+        steps: the total number of steps of the stage.
+        learning_rate: the initial learning rate.
+        config: the recipe (seed, batch and patch size, dropout, checkpoint interval).
+        stage: the stage's name; it seeds the stage's draws.
+        checkpoint: where the optimiser state is saved every ``config.checkpoint_every`` steps.
+        progress: called with (step, steps, loss) after each step.
+
+    Returns:
+        The ``StageResult``; the network is left in eval mode.
+    """
     optimizer = torch.optim.Adam(network.parameters(), lr=learning_rate)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
     loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
@@ -191,7 +249,11 @@ def train_stage(
 
 
 def validation_dice(network: torch.nn.Module, cases: list[Case], card: ModelCard) -> float:
-    """Mean foreground Dice of ``network`` on held-out model-space cases."""
+    """Mean foreground Dice of ``network`` on held-out model-space cases (CPU, the card's inference settings).
+
+    Returns:
+        The mean over cases of the mean Dice over the foreground classes present in each case.
+    """
     scores = []
     for case in cases:
         logits = predict_logits(network, case.inputs.float()[None], card.inference, torch.device("cpu"))
@@ -204,6 +266,8 @@ def validation_dice(network: torch.nn.Module, cases: list[Case], card: ModelCard
 
 @dataclass
 class TrainingReport:
+    """What ``train_site_models`` wrote: the card paths, the stages it ran, and each site's validation Dice."""
+
     models: list[Path] = field(default_factory=list)
     stages: list[StageResult] = field(default_factory=list)
     validation: dict[str, float] = field(default_factory=dict)
@@ -219,6 +283,18 @@ def train_site_models(
 
     Work files (checkpoints, the base model, the feature cache) go to ``out/work``; rerunning the
     same command resumes where it stopped and skips finished stages.
+
+    Args:
+        out: the folder for the site models.
+        config: the recipe (checked first).
+        progress: called with (stage, step, steps, loss).
+        log: receives one line per milestone.
+
+    Returns:
+        The ``TrainingReport``.
+
+    Raises:
+        UserInputError: a recipe value it cannot use.
     """
     config.check()
     torch.manual_seed(config.seed)

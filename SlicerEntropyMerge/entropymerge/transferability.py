@@ -45,7 +45,14 @@ UNLABELLED = -1
 
 @dataclass
 class VoxelSample:
-    """Flat indices into a label array and their labels; anchors are boundary voxels (subset-free)."""
+    """Sampled voxels of a label array.
+
+    Attributes:
+        indices: (N,) flat (C-order) indices of the sampled voxels.
+        labels: (N,) their labels.
+        anchor_indices: (A,) flat indices of boundary voxels (drawn independently of ``indices``).
+        anchor_labels: (A,) their labels.
+    """
 
     indices: np.ndarray
     labels: np.ndarray
@@ -67,6 +74,17 @@ def sample_voxels(
     ``minimum_per_class`` (or all) voxels of each so small structures keep a voice; background
     (label 0) gets its own budget. Anchors: voxels on the boundary of each foreground class (the
     mask minus its 6-connected erosion), drawn across classes.
+
+    Args:
+        labels: integer labels of any shape (e.g. (X, Y, Z)); ``UNLABELLED`` (-1) is never drawn.
+        rng: the random generator.
+        foreground_budget: voxels drawn over all foreground classes together.
+        background_budget: voxels drawn from the background.
+        anchors: boundary voxels drawn.
+        minimum_per_class: the least drawn from each foreground class (all of it when smaller).
+
+    Returns:
+        The ``VoxelSample``.
     """
     flat = labels.reshape(-1)
     classes = [c for c in np.unique(flat) if c > 0]
@@ -98,7 +116,7 @@ def sample_voxels(
 
 
 def cap_per_class(labels: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
-    """Positions keeping at most ``cap`` points of each class."""
+    """Positions into ``labels`` (N,) keeping at most ``cap`` randomly chosen points of each class, sorted."""
     keep = []
     for c in np.unique(labels):
         where = np.flatnonzero(labels == c)
@@ -133,7 +151,21 @@ def minimum_spanning_tree_edges(distances: np.ndarray) -> tuple[np.ndarray, np.n
 
 
 def grtd(features: np.ndarray, labels: np.ndarray, rng: np.random.Generator, cap: int = MST_CAP) -> tuple[float, dict]:
-    """GRTD of (N, F) features against (N,) labels; returns the score and delta per class."""
+    """GRTD of sampled features against their labels (see the module docstring).
+
+    Args:
+        features: (N, F) feature vectors.
+        labels: (N,) integer labels.
+        rng: draws the at most ``cap`` points per class that enter the spanning tree.
+        cap: points kept per class (the tree costs O(N^2)).
+
+    Returns:
+        (score, deltas): the mean of delta_c in [0, 1] (higher: classes better separated), and
+        class -> delta_c.
+
+    Raises:
+        ValueError: fewer than two classes among the kept points.
+    """
     keep = cap_per_class(labels, cap, rng)
     x, y = features[keep].astype(np.float64), labels[keep]
     if len(np.unique(y)) < 2:
@@ -158,8 +190,19 @@ def lbtc(features: np.ndarray, labels: np.ndarray, anchor_features: np.ndarray, 
          neighbours: int = NEIGHBOURS) -> float:
     """LBTC: for each boundary anchor, its k nearest sampled points in feature space form a local
     neighbourhood; neighbourhoods with one label are skipped; rho = share of local-MST edges that
-    join different labels. Returns clip(1 - mean rho, 0, 1); 1 when every neighbourhood is pure
-    (no label confusion anywhere along the boundaries)."""
+    join different labels.
+
+    Args:
+        features: (N, F) sampled feature vectors.
+        labels: (N,) their labels.
+        anchor_features: (A, F) features of the boundary anchors.
+        anchor_labels: (A,) their labels.
+        neighbours: k, the neighbours per anchor.
+
+    Returns:
+        clip(1 - mean rho, 0, 1); 1 when every neighbourhood is pure (no label confusion anywhere
+        along the boundaries).
+    """
     tree = cKDTree(features)
     k = min(neighbours, len(features))
     _, nearest = tree.query(anchor_features, k=k)
@@ -183,20 +226,38 @@ def fusion_weight(foreground_classes: int) -> float:
 
 
 def min_max(values) -> np.ndarray:
+    """``values`` scaled to [0, 1] across the candidates; all 0 when they are equal."""
     values = np.asarray(values, dtype=np.float64)
     span = values.max() - values.min()
     return np.zeros_like(values) if not span > 0 else (values - values.min()) / span
 
 
 def fuse(grtd_scores, lbtc_scores, foreground_classes: int) -> np.ndarray:
-    """S = a * GRTD_n + (1 - a) * LBTC_n, normalised across the candidate models."""
+    """S = a * GRTD_n + (1 - a) * LBTC_n, normalised across the candidate models.
+
+    Args:
+        grtd_scores, lbtc_scores: one score per candidate model (K each).
+        foreground_classes: |C_fg|, which sets a (``fusion_weight``).
+
+    Returns:
+        (K,) fused scores in [0, 1].
+    """
     a = fusion_weight(foreground_classes)
     return a * min_max(grtd_scores) + (1 - a) * min_max(lbtc_scores)
 
 
 def logme(features: np.ndarray, labels: np.ndarray, iterations: int = 100, tolerance: float = 1e-3) -> float:
     """LogME: mean over classes of the per-sample log evidence of y_c ~ F w + noise, w ~ N(0, 1/alpha),
-    noise ~ N(0, 1/beta), with alpha and beta at their evidence maximum (MacKay's fixed point)."""
+    noise ~ N(0, 1/beta), with alpha and beta at their evidence maximum (MacKay's fixed point).
+
+    Args:
+        features: (N, D) feature vectors.
+        labels: (N,) integer labels; each class present is one target y_c.
+        iterations, tolerance: the fixed-point iteration's limit and relative stopping tolerance.
+
+    Returns:
+        The mean over classes of log evidence / N (higher: features explain the labels better).
+    """
     f = features.astype(np.float64)
     n, d = f.shape
     # The SVD of the (n, d) features through the small (d, d) Gram matrix: sigma = s^2, u = f v / s.
