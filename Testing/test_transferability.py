@@ -11,8 +11,9 @@ import torch
 from entropymerge.cli import main
 from entropymerge.models import load_site_model
 from entropymerge.probe import Probe
-from entropymerge.ranking import LabelSource, Tap, TappedOutputs, features_at, find_taps, labelled_agreement, rank_models, tapped_pass
+from entropymerge.ranking import LabelSource, labelled_agreement, rank_models
 from entropymerge.settings import MergeSettings
+from entropymerge.taps import Tap, TappedOutputs, features_at, find_taps, tapped_pass
 from entropymerge.transferability import (
     UNLABELLED,
     decoder_stage_weights,
@@ -248,9 +249,10 @@ def test_rank_from_scribbles_and_from_pseudo_labels(tmp_path, mind_models, spher
 def test_run_rank_reuses_the_probe_passes(tmp_path, mind_models, sphere_case, monkeypatch):
     import entropymerge.pipeline as pipeline
     import entropymerge.ranking as ranking_module
+    import entropymerge.taps as taps_module
 
     calls = {"pipeline": 0, "ranking": 0}
-    original = ranking_module.tapped_pass
+    original = taps_module.tapped_pass
 
     def counting(where):
         def wrapper(*args, **kwargs):

@@ -41,7 +41,7 @@ from entropymerge.preprocessing import labels_to_model_space, to_model_space
 from entropymerge.probe import crop_patches, default_probe_size, probe_batch_size, probe_probabilities, select_probe
 from entropymerge.ranking import LabelSource, rank_models
 from entropymerge.sampledata import TARGET_SITES, bundled_models, simulate, simulate_scribbles
-from entropymerge.settings import MergeSettings
+from entropymerge.settings import MergeSettings, RankingSettings
 from entropymerge.training import TrainingConfig, case_seed, prepare_cases, train_site_models, train_stage
 from entropymerge.transferability import fuse, weighted_taus
 from entropymerge.volume import Volume
@@ -120,8 +120,9 @@ def evaluate_target(pool, merge_set, finetuned, image: Volume, labels: Volume, s
     merge_models = [pool[i] for i in merge_set]
     plan = adaptive_plan(merge_models, probe, [outputs[i] for i in merge_set], settings, device)
     merged = torch.softmax(predict_logits(plan.network(merge_models), inputs[merge_set[0]], card.inference, device)[0], 0)
-    scribbles = simulate_scribbles(labels, seed)
-    scribble_values = np.where(scribbles.array == 255, -1, scribbles.array.astype(np.int64))  # int64 first: -1 does not fit uint8
+    unlabelled = RankingSettings().unlabelled_value
+    scribbles = simulate_scribbles(labels, seed, unlabelled=unlabelled)
+    scribble_values = np.where(scribbles.array == unlabelled, -1, scribbles.array.astype(np.int64))  # int64 first: -1 does not fit uint8
     sources = {
         "reference": LabelSource("reference", labels_to_model_space(labels, space).numpy(), "reference"),
         "scribbles": LabelSource("scribbles", labels_to_model_space(Volume(scribble_values, labels.geometry), space).numpy(), "scribbles"),
@@ -129,7 +130,7 @@ def evaluate_target(pool, merge_set, finetuned, image: Volume, labels: Volume, s
     }
     names = [m.name for m in pool]
     result = {"zero_shot": zero_shot, "finetuned": tuned, "statistic": settings.statistic, "sources": {},
-              "label_free": {statistic: site_scores(stats, statistic) for statistic in STATISTICS}}
+              "label_free": {statistic: site_scores(stats, statistic) for statistic in usable_statistics(stats)}}
     for name, source in sources.items():
         start = time.perf_counter()
         ranking = rank_models(pool, inputs, probe, source, device, uncertainty=uncertainty, statistic=settings.statistic,
@@ -143,6 +144,12 @@ def evaluate_target(pool, merge_set, finetuned, image: Volume, labels: Volume, s
             row["fused_official_sign"], row["grtd_official_sign"] = float(value), -row["grtd"]
         result["sources"][name] = {"rows": rows, "seconds": seconds}
     return result
+
+
+def usable_statistics(stats: dict) -> list[str]:
+    """The merge statistics whose inputs ``stats`` holds: those that need an intensity fingerprint of the
+    training data in every model card are left out (the benchmark's models carry none)."""
+    return [name for name, statistic in STATISTICS.items() if all(key in stats for key in statistic.keys)]
 
 
 def crop(inputs, probe):
@@ -248,6 +255,10 @@ def tables(results: dict, names: list[str], args, footer: str) -> list[str]:
               f"(the default, {statistic}, is the 'merge statistic' row above):", "",
               "| statistic | τ additive | τ multiplicative | top-1 |", "| --- | --- | --- | --- |"]
     for candidate in STATISTICS:
+        if any(candidate not in result["label_free"] for result in results.values()):
+            print(f"note: statistic {candidate} skipped: its inputs ({', '.join(STATISTICS[candidate].keys)}) are missing "
+                  "(the models' cards carry no intensity fingerprint)", file=sys.stderr)
+            continue
         taus = {"additive": [], "multiplicative": []}
         hits = []
         for result in results.values():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from .ranking import ranking_table
+from .rankingtable import ranking_table
 from .summary import RunSummary
 
 

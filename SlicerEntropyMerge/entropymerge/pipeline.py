@@ -35,7 +35,7 @@ from .padding import fit_to_volume, network_multiple, round_up
 from .preprocessing import ModelSpaceImage, labels_to_model_space, to_model_space
 from .probe import Probe, default_probe_size, probe_batch_size, probe_probabilities, select_probe
 from .progress import Progress
-from .ranking import LabelSource, Taps, find_taps, rank_models, scribble_labels, tapped_pass
+from .ranking import LabelSource, rank_models, scribble_labels
 from .settings import AdaptationSettings, MergeSettings
 from .summary import (
     AdaptationRecord,
@@ -52,6 +52,7 @@ from .summary import (
     output_key,
     probability_key,
 )
+from .taps import Taps, find_taps, tapped_pass
 from .validation import physical_memory_bytes
 from .volume import Geometry, Volume, detached_data_files, read_label_map, read_volume
 

@@ -4,12 +4,11 @@
 merge's own label-free per-model score and plain entropy, accuracy and Dice on scribbles, or the
 true Dice against a reference. "Which model would do best after fine-tuning on a few labels of
 this site?" (transfer columns): GRTD, LBTC, their fusion and LogME on features hooked inside each
-model, as TopoTE computes them: GRTD over the decoder stages, LBTC over the encoder stages, each
-stage weighted by a Gaussian. Feature taps are forward hooks, so the models stay untouched; the
-stages are found automatically for UNet-like networks, or one module each is named in the model
-card (``feature_taps``). Labels come, in order of trust, from a reference segmentation, from
-scribbles (a sparse label map: painted voxels count, ``unlabelled_value`` voxels do not), or from
-the merged model's own prediction (a pseudo-label: the ranking is then self-referenced).
+model (``taps``), as TopoTE computes them: GRTD over the decoder stages, LBTC over the encoder
+stages, each stage weighted by a Gaussian. Labels come, in order of trust, from a reference
+segmentation, from scribbles (a sparse label map: painted voxels count, ``unlabelled_value`` voxels
+do not), or from the merged model's own prediction (a pseudo-label: the ranking is then
+self-referenced). The columns and the plain-text table are in ``rankingtable``.
 """
 
 from __future__ import annotations
@@ -21,13 +20,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .entropy import predicted_labels
 from .errors import UserInputError
-from .head import detect_head
 from .models import SiteModel
-from .probe import Probe, batched_forward, crop_patches, probe_batch_size
+from .probe import Probe, crop_patches, probe_batch_size
+from .rankingtable import COLUMNS, QUESTIONS, SCORE_KEYS, ranking_table
+from .taps import TappedOutputs, features_at, find_taps, tapped_pass
 from .transferability import (
     UNLABELLED,
     decoder_stage_weights,
@@ -42,175 +41,14 @@ from .transferability import (
 )
 from .volume import Volume
 
-DEFAULT_UNLABELLED_VALUE = 255
-LABEL_SOURCES = ("reference", "scribbles", "pseudo-label")
-
-
-@dataclass(frozen=True)
-class Tap:
-    module: str
-    reads: str = "output"  # or "input": the features entering the module (the head's input)
-
-
-@dataclass(frozen=True)
-class Taps:
-    """Where the scores read features: GRTD on the decoder stages (coarse to fine, the head's input last),
-    LBTC on the encoder stages (fine to coarse), each stage weighted as in TopoTE (a Gaussian over the stages)."""
-
-    decoder: tuple[Tap, ...]
-    encoder: tuple[Tap, ...]
-
-    def describe(self) -> dict:
-        def name(tap):
-            return f"{tap.module} ({tap.reads})" if tap.reads == "input" else tap.module
-
-        return {"decoder": [name(t) for t in self.decoder], "decoder_weights": decoder_stage_weights(len(self.decoder)).round(3).tolist(),
-                "encoder": [name(t) for t in self.encoder], "encoder_weights": encoder_stage_weights(len(self.encoder)).round(3).tolist()}
-
-
-def find_taps(model: SiteModel, example: torch.Tensor) -> Taps:
-    """The model card's taps (``feature_taps``: ``global`` = one module whose input GRTD reads,
-    ``local`` = one module whose output LBTC reads), else the network's stages found in one pass:
-    encoder stages = the outermost module that halves the resolution to each level, decoder stages =
-    the outermost module that doubles it back to each level (outside the head), then the head's input.
-    ``example`` is one input patch; a 32-voxel corner of it is enough for the detection pass."""
-    network, card = model.network, model.card
-    example = example[:1, :, :32, :32, :32]  # deep networks (4 halvings) need 32 voxels to keep instance norm defined
-    modules = dict(network.named_modules())
-    for key, name in card.feature_taps.items():
-        if name not in modules:
-            raise UserInputError(f"model card of {model.name}: feature tap '{key}' names a module that does not exist: {name}")
-    global_module = card.feature_taps.get("global")
-    if global_module is None:
-        head = detect_head(network, card.num_classes, card.head)
-        if head is None or not head.module_name:
-            raise UserInputError(f"{model.name}: cannot find the head to tap; name it in the model card ('feature_taps': {{'global': ...}})")
-        global_module = head.module_name
-    stages = _resolution_stages(network, example, global_module)
-    head_input = Tap(global_module, "input")
-    if card.feature_taps.get("global"):
-        decoder: tuple[Tap, ...] = (head_input,)
-    else:
-        decoder = tuple(Tap(name) for name in stages.decoder) + (() if stages.head_input_is_last_stage else (head_input,))
-    if card.feature_taps.get("local"):
-        encoder: tuple[Tap, ...] = (Tap(card.feature_taps["local"]),)
-    elif stages.encoder:
-        encoder = tuple(Tap(name) for name in stages.encoder)
-    else:
-        raise UserInputError("no encoder stage that lowers the resolution was found; "
-                             "name one in the model card ('feature_taps': {'local': ...})")
-    return Taps(decoder, encoder)
-
-
-@dataclass
-class _Stages:
-    encoder: list[str]
-    decoder: list[str]
-    head_input_is_last_stage: bool
-
-
-def _resolution_stages(network: torch.nn.Module, example: torch.Tensor, head_module: str) -> _Stages:
-    """One pass recording each module's input and output resolution (as a halving level)."""
-    size = example.shape[2]
-    records: dict[str, dict] = {}
-    head_input: list[torch.Tensor] = []
-
-    def level(tensor) -> int | None:
-        if not isinstance(tensor, torch.Tensor) or tensor.ndim != example.ndim or size % tensor.shape[2]:
-            return None
-        ratio = size // tensor.shape[2]
-        return ratio.bit_length() - 1 if ratio & (ratio - 1) == 0 else None
-
-    def on_start(name):
-        def hook(module, args):
-            records.setdefault(name, {"start": len(records), "in": level(args[0]) if args else None})
-            if name == head_module and args:
-                head_input.append(args[0])
-        return hook
-
-    def on_finish(name):
-        def hook(module, args, out):
-            records[name].update(out=level(out), tensor=out if isinstance(out, torch.Tensor) else None)
-        return hook
-
-    handles = []
-    for name, module in network.named_modules():
-        if name:
-            handles += [module.register_forward_pre_hook(on_start(name)), module.register_forward_hook(on_finish(name))]
-    try:
-        with torch.inference_mode():
-            network.eval()(example)
-    finally:
-        for handle in handles:
-            handle.remove()
-
-    def inside_head(name):
-        return name == head_module or name.startswith(head_module + ".") or head_module.startswith(name + ".")
-
-    def outermost(changes):
-        chosen: dict[int, str] = {}
-        for name, record in sorted(records.items(), key=lambda item: item[1]["start"]):  # a parent starts before its children
-            if record.get("out") is not None and record["in"] is not None and changes(record["in"], record["out"]) and not inside_head(name):
-                chosen.setdefault(record["out"], name)
-        return chosen
-
-    down = outermost(lambda before, after: after > before)
-    up = outermost(lambda before, after: after < before)
-    decoder = [up[key] for key in sorted(up, reverse=True)]
-    last = records[decoder[-1]].get("tensor") if decoder else None
-    return _Stages([down[key] for key in sorted(down)], decoder,
-                   bool(head_input) and last is not None and head_input[0] is last)
-
-
-@dataclass
-class TappedOutputs:
-    probabilities: torch.Tensor  # (P, C, X, Y, Z)
-    decoder_features: list[torch.Tensor]  # per decoder tap: (P, F, ...) at that stage's resolution
-    encoder_features: list[torch.Tensor]  # per encoder tap: (P, F, ...)
-
-
-def tapped_pass(network: torch.nn.Module, patches: torch.Tensor, taps: Taps, device: torch.device, batch_size: int) -> TappedOutputs:
-    """One forward pass over the patches recording every tap (hooks removed afterwards)."""
-    modules = dict(network.named_modules())
-    parts: dict[tuple[str, Tap], list[torch.Tensor]] = {}
-    handles = []
-    for group, group_taps in (("decoder", taps.decoder), ("encoder", taps.encoder)):
-        for tap in group_taps:
-            store = parts.setdefault((group, tap), [])
-            if tap.reads == "input":
-                handles.append(modules[tap.module].register_forward_pre_hook(lambda m, args, store=store: store.append(args[0].float().cpu())))
-            else:
-                handles.append(modules[tap.module].register_forward_hook(lambda m, args, out, store=store: store.append(out.float().cpu())))
-    try:
-        probabilities = torch.cat(batched_forward(network, patches, device, batch_size))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return TappedOutputs(probabilities, [torch.cat(parts[("decoder", t)]) for t in taps.decoder],
-                         [torch.cat(parts[("encoder", t)]) for t in taps.encoder])
-
-
-def features_at(features: torch.Tensor, positions: np.ndarray, patch_shape) -> np.ndarray:
-    """Features (P, F, fx, fy, fz) interpolated at voxel positions (N, 4: patch, x, y, z) of full-resolution
-    patches of ``patch_shape``: (N, F)."""
-    result = np.zeros((len(positions), features.shape[1]), dtype=np.float32)
-    sizes = torch.tensor(patch_shape, dtype=torch.float32)
-    for patch in np.unique(positions[:, 0]):
-        rows = np.flatnonzero(positions[:, 0] == patch)
-        voxels = torch.from_numpy(positions[rows, 1:].astype(np.float32))
-        normalized = (2 * voxels + 1) / sizes - 1  # voxel centres, align_corners=False
-        grid = normalized.flip(-1).view(1, -1, 1, 1, 3)  # grid_sample wants (z, y, x) for (X, Y, Z) tensors
-        sampled = F.grid_sample(features[int(patch) : int(patch) + 1], grid, mode="bilinear", padding_mode="border", align_corners=False)
-        result[rows] = sampled[0, :, :, 0, 0].T.numpy()
-    return result
-
-
 # ---------------------------------------------------------------------------------------------
 # Label sources
 
 
 @dataclass
 class LabelSource:
+    """The labels a ranking scores against: "reference", "scribbles" or "pseudo-label" (the merged prediction)."""
+
     kind: str
     labels: np.ndarray  # model-space label map (X, Y, Z); UNLABELLED where nothing is known
     description: str
@@ -221,7 +59,18 @@ class LabelSource:
 
 
 def scribble_labels(scribbles: Volume, num_classes: int, unlabelled_value: int, path) -> np.ndarray:
-    """Scribble map values: ``unlabelled_value`` = not painted; 0 .. C-1 = a painted class."""
+    """Scribble map values: ``unlabelled_value`` = not painted; 0 .. C-1 = a painted class.
+
+    Args:
+        scribbles: the scribble map on the model-space grid.
+        num_classes: C.
+        unlabelled_value: the value of unpainted voxels (``settings.RankingSettings.unlabelled_value`` by default).
+        path: the scribble file, for messages.
+
+    Returns:
+        (X, Y, Z) int64 labels, ``UNLABELLED`` where nothing is painted. Raises ``UserInputError`` for
+        an empty map, values that are no class, or fewer than two painted classes.
+    """
     values = scribbles.array.astype(np.int64)
     painted = values != unlabelled_value
     if not painted.any():
@@ -237,14 +86,32 @@ def scribble_labels(scribbles: Volume, num_classes: int, unlabelled_value: int, 
 
 
 def crop_probe_labels(labels: np.ndarray, probe: Probe) -> np.ndarray:
-    """The label map cut into the probe's patches: (P, X, Y, Z), UNLABELLED beyond the volume."""
+    """The label map cut into the probe's patches.
+
+    Args:
+        labels: (X, Y, Z) model-space labels.
+        probe: the probe (its origins and patch size).
+
+    Returns:
+        (P, x, y, z) labels, ``UNLABELLED`` beyond the volume.
+    """
     size = probe.patches.shape[2:]
     padded = np.pad(labels, [(0, max(0, s - n)) for s, n in zip(size, labels.shape)], constant_values=UNLABELLED)
     return np.stack([padded[x : x + size[0], y : y + size[1], z : z + size[2]] for x, y, z in probe.origins])
 
 
 def label_probe(inputs: torch.Tensor, labels: np.ndarray, probe: Probe) -> Probe:
-    """The probe plus a patch around each labelled class it misses (scribbles are often outside it)."""
+    """The probe plus a patch around each labelled class it misses (scribbles are often outside it).
+
+    Args:
+        inputs: (1, C_in, X, Y, Z) model input the extra patches are cut from.
+        labels: (X, Y, Z) model-space labels, ``UNLABELLED`` where unknown.
+        probe: the probe.
+
+    Returns:
+        ``probe`` itself when it samples every labelled class, else a new probe with the extra patches
+        appended (and a note).
+    """
     covered = crop_probe_labels(labels, probe)
     size = probe.patches.shape[2:]
     extra = []
@@ -261,41 +128,8 @@ def label_probe(inputs: torch.Tensor, labels: np.ndarray, probe: Probe) -> Probe
 # ---------------------------------------------------------------------------------------------
 # The ranking
 
-
-AS_IS = "as is"
-TRANSFER = "transfer"
-QUESTIONS = {AS_IS: "which site model can I trust on this case as it is?",
-             TRANSFER: "which site model would do best after fine-tuning on a few labels of this site?"}
-
-
-@dataclass(frozen=True)
-class Column:
-    """One ranking column: the question it answers, which way is better, and the labels it uses
-    (``none``, ``scribbles``, ``reference``, or ``source``: the ranking's label source)."""
-
-    key: str
-    title: str
-    question: str | None = None
-    better: str | None = None
-    labels: str = "none"
-
-
-COLUMNS = (
-    Column("rank", "as-is rank", AS_IS),
-    Column("model", "model"),
-    Column("uncertainty", "merge statistic", AS_IS, "lower"),
-    Column("entropy", "mean entropy", AS_IS, "lower"),
-    Column("alpha", "merge coefficient", AS_IS, "higher"),
-    Column("scribble_accuracy", "accuracy on scribbles", AS_IS, "higher", "scribbles"),
-    Column("scribble_dice", "Dice on scribbles", AS_IS, "higher", "scribbles"),
-    Column("true_dice", "true Dice (the truth)", AS_IS, "higher", "reference"),
-    Column("transfer_rank", "transfer rank", TRANSFER),
-    Column("fused", "fused GRTD+LBTC", TRANSFER, "higher", "source"),
-    Column("grtd", "GRTD", TRANSFER, "higher", "source"),
-    Column("lbtc", "LBTC", TRANSFER, "higher", "source"),
-    Column("logme", "LogME", TRANSFER, "higher", "source"),
-)
-SCORE_KEYS = tuple(c.key for c in COLUMNS if c.better and c.key != "true_dice")
+# ---------------------------------------------------------------------------------------------
+# The ranking
 
 
 @dataclass
@@ -345,47 +179,18 @@ class Ranking:
     def table(self) -> str:
         return ranking_table(self.to_json())
 
-
-def ranking_table(data: dict) -> str:
-    """The ranking (as ``Ranking.to_json`` gives it) as a plain-text table: the as-is columns, then the
-    transfer columns, each group headed by its question and the labels it used."""
-    columns = {c["key"]: c for c in data["columns"]}
-    short = {"uncertainty": data.get("statistic") or "score", "entropy": "H_k", "alpha": "alpha", "scribble_accuracy": "scr.acc",
-             "scribble_dice": "scr.Dice", "true_dice": "Dice", "transfer_rank": "t.rank", "fused": "fused", "grtd": "GRTD",
-             "lbtc": "LBTC", "logme": "LogME"}
-    shown = [k for k in short if k in columns]
-    width = max([5] + [len(row["model"]) for row in data["rows"]])
-    names = [max(6, len(short[k])) for k in shown]
-
-    def cell(row, key, size):
-        value = row.get(key)
-        if value is None:
-            return "-".rjust(size)
-        return str(value).rjust(size) if isinstance(value, int) else f"{value:{size}.3f}"
-
-    as_is_labels = sorted({"none (label-free)" if c["labels"] == "none" else c["labels"]
-                           for c in data["columns"] if c["question"] == AS_IS and c["better"]})
-    basis = columns.get(data["as_is_basis"], {}).get("title", data["as_is_basis"])
-    lines = [f"AS IS ({QUESTIONS[AS_IS]}): ranked by {basis}; labels used: {', '.join(as_is_labels)}",
-             f"TRANSFER ({QUESTIONS[TRANSFER]}): ranked by fused; labels: {data['description']}"
-             + (" (self-referenced: the merged prediction)" if data["self_referenced"] else ""),
-             f"{'rank':>4}  {'model':<{width}} " + " ".join(short[k].rjust(n) for k, n in zip(shown, names))]
-    for row in data["rows"]:
-        lines.append(f"{row['rank']:>4}  {row['model']:<{width}} " + " ".join(cell(row, k, n) for k, n in zip(shown, names)))
-    lower = [short[k] for k in shown if columns[k]["better"] == "lower"]
-    if lower:
-        lines.append(f"lower is better for {', '.join(lower)}; higher for the rest")
-    taus = data.get("weighted_kendall_tau")
-    if taus:
-        for variant, values in taus.items():
-            lines.append(f"weighted Kendall tau vs true Dice ({variant}): " + ", ".join(f"{short.get(k, k)} {v:+.3f}" for k, v in values.items()))
-    lines += [f"note: {note}" for note in data.get("notes", [])]
-    return "\n".join(lines)
-
-
 def score_taus(rows: list[dict], truth: list[float] | None = None) -> dict[str, dict[str, float]]:
     """Both weighted Kendall tau variants (``weighted_taus``) of every score column the rows hold
-    against ``truth`` (default: their ``true_dice``); lower-is-better columns are negated first."""
+    against ``truth`` (default: their ``true_dice``); lower-is-better columns are negated first.
+
+    Args:
+        rows: one dict per model with the score columns (``rankingtable.SCORE_KEYS``).
+        truth: one true score per row; None: the rows' ``true_dice``.
+
+    Returns:
+        {"additive": {column: tau}, "multiplicative": {column: tau}}, tau rounded to 4 decimals, for
+        every column that every row holds.
+    """
     dice = [row["true_dice"] for row in rows] if truth is None else truth
     better = {c.key: c.better for c in COLUMNS}
     result: dict[str, dict[str, float]] = {"additive": {}, "multiplicative": {}}
@@ -401,9 +206,15 @@ def score_taus(rows: list[dict], truth: list[float] | None = None) -> dict[str, 
 def labelled_agreement(probabilities: torch.Tensor, labels: np.ndarray) -> tuple[float, float | None]:
     """A model's accuracy and mean foreground Dice on the labelled voxels only (e.g. scribbles).
 
-    ``probabilities`` (P, C, X, Y, Z), ``labels`` (P, X, Y, Z) with ``UNLABELLED`` elsewhere. Dice of
-    class c counts the labelled voxels predicted c and those labelled c; ``None`` without a labelled
-    foreground class."""
+    Dice of class c counts the labelled voxels predicted c and those labelled c.
+
+    Args:
+        probabilities: (P, C, X, Y, Z) the model's probabilities on the probe.
+        labels: (P, X, Y, Z) labels, ``UNLABELLED`` where unknown.
+
+    Returns:
+        (accuracy, mean foreground Dice), the Dice None without a labelled foreground class.
+    """
     predicted = predicted_labels(probabilities).numpy()
     known = labels != UNLABELLED
     guess, truth = predicted[known], labels[known]
@@ -447,6 +258,20 @@ def rank_models(
     as-is columns come from the caller: ``uncertainty`` = each model's score under the run's merge
     ``statistic`` (lower = more trusted), ``entropy`` = plain mean entropy, ``alpha`` = its merge
     coefficient; ``true_dice`` = each model's Dice against a reference.
+
+    Args:
+        models: the K >= 2 site models (one architecture).
+        inputs: (1, C_in, X, Y, Z) model input, or K of them.
+        probe: the probe (patches are added around labelled classes it misses).
+        source: the labels to score against.
+        device: where the models run.
+        tapped: K ``TappedOutputs`` on ``probe`` already made (reused when no patch was added).
+        uncertainty, entropy, alpha, true_dice: K values each for the as-is columns, or None.
+        statistic: the merge statistic behind ``uncertainty``.
+        seed: seed of the voxel sampling.
+
+    Returns:
+        The ranking: rows in as-is order with both ranks, the columns, the samples and notes.
     """
     if len(models) < 2:
         raise UserInputError(f"ranking needs at least two models; {len(models)} given")
