@@ -29,6 +29,7 @@ from .models import SiteModel, save_site_model
 from .outputs import safe_file_stem
 from .safeconfig import build_network, network_class
 from .summary import read_summary_file
+from .validation import check_writable_folder
 
 NORM_ARGUMENTS = ("norm", "norm_name")  # how MONAI networks name their normalisation layer argument
 
@@ -75,9 +76,7 @@ def check_model_folder(folder: Path, overwrite: bool, protected: Sequence[Path] 
     for path in protected:
         if Path(path).resolve().parent == resolved or Path(path).resolve() == resolved:
             raise UserInputError(f"model folder {folder} holds an input of this command ({path}); choose another folder")
-    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserInputError(f"cannot write to model folder {folder}: {existing} is not writable")
+    check_writable_folder(folder, "model folder")
 
 
 def network_spec(network: torch.nn.Module, spec: dict) -> dict:
@@ -189,6 +188,17 @@ def write_model_artefact(network: torch.nn.Module, card: ModelCard, folder: Path
     Callers check the folder first (``check_model_folder``), before any work. Both files are
     written in a hidden folder beside them and moved into place, the card last, so a folder never
     holds a card whose weights are missing or half written.
+
+    Args:
+        network: the merged network.
+        card: its card (``merged_model_card``); the file stem is ``safe_file_stem(card.name)``.
+        folder: the model folder (made if needed).
+
+    Returns:
+        ``{"model_weights": path, "model_card": path}``.
+
+    Raises:
+        UserInputError: the folder cannot be written.
     """
     folder = Path(folder)
     stem = safe_file_stem(card.name)
@@ -210,6 +220,17 @@ def parse_coefficients(text: str, count: int, option: str) -> np.ndarray:
     """``"0.5,0.3,0.2"`` -> (K,) coefficients; exit-2 errors for a wrong count, a negative value or a sum other than 1.
 
     They are not normalised: a sum other than 1 is more likely a typo than an intent.
+
+    Args:
+        text: comma-separated numbers, one per model in the order given.
+        count: K, the number of models.
+        option: the option's name for messages (e.g. ``"--coefficients"``).
+
+    Returns:
+        (K,) float64 coefficients, divided by their sum (which is within 1e-4 of 1).
+
+    Raises:
+        UserInputError: not numbers, not K of them, negative or not finite, or a sum other than 1.
     """
     try:
         values = np.array([float(v) for v in text.split(",")], dtype=np.float64)
@@ -234,8 +255,17 @@ def checked_coefficients(values, count: int, option: str) -> np.ndarray:
 def coefficients_from_summary(path: Path, models: Sequence[SiteModel]) -> tuple[np.ndarray, np.ndarray | None, dict]:
     """Body and head coefficients of a finished run (its ``summary.json``), in the order of ``models``.
 
-    Returns (alpha, beta or None when the head was not decoupled, the run's record: method, volume,
-    adaptation). The names in the summary must be those of ``models``.
+    Args:
+        path: the run's ``summary.json``.
+        models: the run's site models (any order; matched by name).
+
+    Returns:
+        (alpha, beta, record): (K,) body coefficients, (K,) head coefficients or None when the head
+        was not decoupled, and the run's ``{"method", "volume" (file name), "adaptation"}``.
+
+    Raises:
+        UserInputError: an unreadable summary, a method that merges no weights, other model names, or
+            coefficients that fail ``checked_coefficients``.
     """
     try:
         summary = read_summary_file(path)
@@ -261,7 +291,26 @@ def merge_to_folder(model_paths: Sequence[Path], folder: Path, *, coefficients: 
                     head_coefficients: str | None = None, from_summary: Path | None = None, name: str = "merged",
                     overwrite: bool = False, trust_code: bool = False, notes: list[str] | None = None) -> dict[str, str]:
     """``entropymerge merge``: merge the site models with given (or a run's) coefficients, without a volume,
-    and write the merged network as a site model into ``folder``. Without coefficients: the mean merge."""
+    and write the merged network as a site model into ``folder``. Without coefficients: the mean merge.
+
+    Args:
+        model_paths: the site models (cards, weights files, bundles or folders of them).
+        folder: the model folder (checked before any work, see ``check_model_folder``).
+        coefficients: the body coefficients as text (``parse_coefficients``); None for the mean.
+        head_coefficients: the head coefficients as text; None to merge the head like the body.
+        from_summary: a finished run's ``summary.json`` whose coefficients to reuse.
+        name: the merged model's name (and file stem).
+        overwrite: allow a folder that already holds files.
+        trust_code: as ``models.load_site_model``.
+        notes: receives notes for the user.
+
+    Returns:
+        ``{"model_weights": path, "model_card": path}``.
+
+    Raises:
+        UserInputError: conflicting options, models that cannot be merged, bad coefficients, head
+            coefficients for models whose head is not known, or a folder that cannot be used.
+    """
     from .compatibility import check_compatible
     from .head import detect_head
     from .merging import mean_coefficients

@@ -104,6 +104,13 @@ def describe_models(paths: list[str | Path], trust_code: bool = False) -> list[d
     Every entry has ``source``, ``name``, ``compatible`` and ``problem`` (None when compatible);
     loaded models add ``site``, ``kind`` and ``labels``. Compatibility is judged against the first
     model that loads, with the same rules as ``check_compatible``.
+
+    Args:
+        paths: model cards, weights files, bundles or folders of them.
+        trust_code: as ``models.load_site_model``.
+
+    Returns:
+        One entry per model found, in order, with unique names.
     """
     entries: list[dict] = []
     first: SiteModel | None = None

@@ -151,7 +151,15 @@ def compare_methods(
 
 
 def comparison_table(comparison: Comparison, case: Case) -> str:
-    """A plain-text table: Dice per class, mean Dice, mean HD95 (mm) and wall time of each method."""
+    """A plain-text table: Dice per class, mean Dice, mean HD95 (mm) and wall time (seconds) of each method.
+
+    Args:
+        comparison: the methods' results.
+        case: the case (its labels name the Dice columns).
+
+    Returns:
+        The table, one method per line after a header and a rule; ``-`` where a value is missing.
+    """
     classes = [label.name for label in case.labels[1:]]
     header = ["method", *[f"Dice {c}" for c in classes], "mean Dice", "HD95 mm", "time s"]
     rows = []

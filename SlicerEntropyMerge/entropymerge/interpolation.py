@@ -98,7 +98,16 @@ class InterpolationPath:
 
 
 def path_lambdas(steps: int, adaptive_alpha_b: float) -> list[tuple[float, tuple[str, ...]]]:
-    """``steps`` evenly spaced weights of B from 0 to 1 plus the mean (0.5) and the adaptive weight, with their markers."""
+    """The lambdas (weights of model B) to evaluate, with their markers.
+
+    Args:
+        steps: evenly spaced weights from 0 to 1, endpoints included (at least 2).
+        adaptive_alpha_b: the adaptive merge's weight of B, added to the grid.
+
+    Returns:
+        Sorted (lam, markers) pairs: the grid plus 0.5 and ``adaptive_alpha_b``; markers among
+        ``"A"`` (0), ``"B"`` (1), ``"mean"`` (0.5) and ``"adaptive"``.
+    """
     grid = np.linspace(0.0, 1.0, steps)
     lams = sorted(set(grid.tolist()) | {0.5, float(adaptive_alpha_b)})
     marked = {0.0: "A", 1.0: "B", 0.5: "mean"}
@@ -185,7 +194,14 @@ def path_table(path: dict) -> str:
 
 
 def save_interpolated(case: Case, lam: float, volume: str, output: OutputFolder) -> None:
-    """theta(lam) as a site model, staged in ``output`` (``model_card``, ``model_weights``)."""
+    """Stage theta(lam) as a site model in ``output``: ``interpolated.safetensors`` and ``interpolated.json``.
+
+    Args:
+        case: the loaded case with the two site models.
+        lam: the weight of model B, in [0, 1].
+        volume: the volume's file name, recorded in the card.
+        output: the run's output folder (keys ``model_weights``, ``model_card``).
+    """
     network = interpolate(*case.models, lam)
     card = merged_model_card(case.models, network, name="interpolated", method="interpolation", body=[1.0 - lam, lam],
                              volume=volume, inference=case.settings)
@@ -196,7 +212,21 @@ def save_interpolated(case: Case, lam: float, volume: str, output: OutputFolder)
 def run_path(options: RunOptions, steps: int, progress: Progress | None = None, save_model_at: float | None = None) -> dict:
     """``entropymerge path``: the interpolation path between the two models of ``options``; writes
     path.csv, path.png and summary.json to ``options.out`` and returns the summary. With
-    ``save_model_at`` also theta(save_model_at) as a site model (interpolated.safetensors + .json)."""
+    ``save_model_at`` also theta(save_model_at) as a site model (interpolated.safetensors + .json).
+
+    Args:
+        options: the run options (volume, exactly two models, output folder, merge settings).
+        steps: evenly spaced lambdas from 0 to 1 (at least 2).
+        progress: the progress reporter; None for notes only.
+        save_model_at: the weight of model B of the model to save, in [0, 1]; None to save none.
+
+    Returns:
+        The summary, with ``outputs`` (key -> path).
+
+    Raises:
+        UserInputError: fewer than 2 steps, ``save_model_at`` outside [0, 1], no output folder, not
+            exactly two models, or any problem of the inputs.
+    """
     progress = progress or Progress()
     if steps < 2:
         raise UserInputError(f"--steps must be at least 2 (the two endpoints), got {steps}")

@@ -26,6 +26,7 @@ import numpy as np
 
 from .errors import UserInputError
 from .summary import SUMMARY_NAME
+from .validation import check_writable_folder
 from .volume import Geometry, write_volume
 
 VOLUME_FORMATS = ("nii.gz", "nrrd", "mha")
@@ -62,9 +63,7 @@ class OutputFolder:
         self.protected = {p.resolve() for p in protected}
         if self.folder.exists() and not self.folder.is_dir():
             raise UserInputError(f"output path {self.folder} is a file, not a folder")
-        existing = next(p for p in (self.folder, *self.folder.absolute().parents) if p.exists())
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise UserInputError(f"cannot write to output folder {self.folder}: {existing} is not writable")
+        check_writable_folder(self.folder, "output folder")
         self._staging: Path | None = None
         self.files: dict[str, str] = {}
         self._lock = FolderLock(self.folder)

@@ -91,7 +91,16 @@ class TrainingConfig:
 
 def model_card(config: TrainingConfig, name: str, site: str) -> ModelCard:
     """The card of a sample site model: a MONAI UNet on the image (plus the feature channels), RAS at
-    ``config.spacing`` mm, intensities scaled between the 0.5th and 99.5th percentiles to [0, 1]."""
+    ``config.spacing`` mm, intensities scaled between the 0.5th and 99.5th percentiles to [0, 1].
+
+    Args:
+        config: the recipe (features, channels, spacing, patch size).
+        name: the model's name.
+        site: the site's description.
+
+    Returns:
+        The card, without weights.
+    """
     extractor = None if config.features == "none" else get_extractor(config.features)
     in_channels = 1 + (extractor.channels if extractor else 0)
     network = {
@@ -250,6 +259,11 @@ def train_stage(
 
 def validation_dice(network: torch.nn.Module, cases: list[Case], card: ModelCard) -> float:
     """Mean foreground Dice of ``network`` on held-out model-space cases (CPU, the card's inference settings).
+
+    Args:
+        network: the trained network.
+        cases: the held-out cases (``prepare_cases``).
+        card: its card (inference settings, number of classes).
 
     Returns:
         The mean over cases of the mean Dice over the foreground classes present in each case.

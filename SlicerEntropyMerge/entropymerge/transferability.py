@@ -298,7 +298,15 @@ def _true_rank(truth) -> np.ndarray:
 
 def weighted_kendall_tau(scores, truth) -> float:
     """Weighted Kendall tau between a score ranking and the true ranking, with hyperbolic weights
-    1 / (r + 1) on the true rank r (0 = best) and additive pair weights (scipy's weightedtau)."""
+    1 / (r + 1) on the true rank r (0 = best) and additive pair weights (scipy's weightedtau).
+
+    Args:
+        scores: (K,) a score per model, higher = predicted better.
+        truth: (K,) the true quality per model (e.g. Dice), higher = better.
+
+    Returns:
+        tau in [-1, 1]; 1 when the scores order the models as the truth does.
+    """
     truth = np.asarray(truth, dtype=np.float64)
     return float(weightedtau(np.asarray(scores, dtype=np.float64), truth, rank=_true_rank(truth)).statistic)
 
@@ -307,7 +315,14 @@ def weighted_kendall_tau_multiplicative(scores, truth) -> float:
     """TopoTE's weighted Kendall tau (their Eq. 7): 1 - 2 * sum_{i<j} w(i) w(j) [discordant] / sum_{i<j} w(i) w(j),
     with the items in true order (best first), w(i) = 1 / (i + 1), and a pair discordant when the
     better item scores strictly lower (a tie in the scores counts as concordant, as in their code).
-    A pair's weight is the product of its two weights, so swaps among the top items cost most."""
+    A pair's weight is the product of its two weights, so swaps among the top items cost most.
+
+    Args:
+        scores, truth: (K,) as ``weighted_kendall_tau``.
+
+    Returns:
+        tau in [-1, 1]; 0 for fewer than two models.
+    """
     scores = np.asarray(scores, dtype=np.float64)
     if len(scores) < 2:
         return 0.0
@@ -331,7 +346,11 @@ ENCODER_SIGMA = 0.9
 
 
 def stage_weights(count: int, centre: float, sigma: float) -> np.ndarray:
-    """Normalised Gaussian weights exp(-(i - centre)^2 / (2 sigma^2)) over stages i = 0 .. count-1."""
+    """Normalised Gaussian weights exp(-(i - centre)^2 / (2 sigma^2)) over stages i = 0 .. count-1.
+
+    Returns:
+        (count,) weights summing to 1.
+    """
     raw = np.exp(-0.5 * ((np.arange(count) - centre) / sigma) ** 2)
     return raw / raw.sum()
 

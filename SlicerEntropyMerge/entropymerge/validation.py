@@ -70,6 +70,21 @@ def inside_folder(path: Path, folder: Path, what: str) -> Path:
     return path
 
 
+def check_writable_folder(folder: Path, what: str) -> None:
+    """Check that ``folder``, or the nearest existing folder above it (where it would be made), can be written.
+
+    Args:
+        folder: the folder to write into (it need not exist yet).
+        what: how the message names it (e.g. ``"output folder"``).
+
+    Raises:
+        UserInputError: that folder lacks write or search permission.
+    """
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserInputError(f"cannot write to {what} {folder}: {existing} is not writable")
+
+
 def fetching_arguments(network_class, arguments: dict) -> dict:
     """The constructor arguments with which a network would fetch or read weights by itself.
 
