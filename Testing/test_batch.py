@@ -16,8 +16,8 @@ from entropymerge import batch
 from entropymerge.batch import BatchCase, discover_cases, run_batch
 from entropymerge.cli import main
 from entropymerge.errors import ExitCode, UserInputError
-from entropymerge.pipeline import RunOptions
 from entropymerge.sampledata import site, write_case
+from entropymerge.settings import RunOptions
 from entropymerge.summary import RunSummary, VolumeRecord
 
 CASES = 6

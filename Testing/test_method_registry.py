@@ -6,13 +6,14 @@ import nibabel
 import numpy as np
 import pytest
 
+from entropymerge.case import load_case
 from entropymerge.cli import build_parser, main
 from entropymerge.evaluation import compare_methods
 from entropymerge.merging import MergePlan, one_hot
 from entropymerge.methods import METHODS, MergeMethod, register, unregister
 from entropymerge.models import unique_names
-from entropymerge.pipeline import RunOptions, Timings, load_case
 from entropymerge.progress import Progress
+from entropymerge.settings import RunOptions
 
 
 def run(out, *args) -> dict:
@@ -44,7 +45,7 @@ def test_a_registered_method_appears_in_the_cli_the_pipeline_and_the_evaluation(
     assert summary["coefficients"]["body"] == {"site0": 0.0, "site1": 0.0, "site2": 1.0}
 
     options = RunOptions(volume=image, models=[mind_models], reference=labels, feature_cache=tmp_path / "cache")
-    comparison = compare_methods(load_case(options, Progress(), Timings()), probe_patches=2)
+    comparison = compare_methods(load_case(options.input_settings(), options.inference_overrides(), progress=Progress()), probe_patches=2)
     keys = [result.key for result in comparison.results]
     assert keys == ["site:site0", "site:site1", "site:site2", "adaptive", "adaptive-coupled", "mean", "ensemble", "select",
                     "oracle", "last-model"]

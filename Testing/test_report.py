@@ -16,9 +16,10 @@ from browser import browser_context, missing_reason, open_report
 from conftest import SAMPLE_LABELS_MODEL, shared_file, write_tiny_model
 from entropymerge.cli import main
 from entropymerge.figures import VIEWS, canonical
-from entropymerge.pipeline import RunOptions, run
+from entropymerge.pipeline import run
 from entropymerge.report import MAX_PREVIEW_SIZE, preview
 from entropymerge.sampledata import site, write_case
+from entropymerge.settings import RunOptions
 from entropymerge.volume import read_volume, write_volume
 
 CANVAS_PIXELS = """selector => {

@@ -7,7 +7,8 @@ import pytest
 
 from conftest import write_tiny_model
 from entropymerge.errors import UserInputError
-from entropymerge.pipeline import RunOptions, run
+from entropymerge.pipeline import run
+from entropymerge.settings import RunOptions
 from entropymerge.summary import FORMAT_VERSION, SUMMARY_NAME, Evaluation, RunSummary, output_key, probability_key, read_summary, read_summary_file
 
 

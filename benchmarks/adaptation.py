@@ -24,11 +24,12 @@ import numpy as np
 from tables import publish
 
 from entropymerge.adaptation import adapt
-from entropymerge.pipeline import RunOptions, Timings, load_case, plan_merge
+from entropymerge.case import load_case
 from entropymerge.probe import probe_batch_size
 from entropymerge.progress import Progress
 from entropymerge.sampledata import SOURCE_SITES, bundled_models, bundled_targets, write_case
-from entropymerge.settings import AdaptationSettings
+from entropymerge.settings import AdaptationSettings, RunOptions
+from entropymerge.stages import plan_merge
 from entropymerge.training import case_seed
 
 SHIFT_SITE = "riverside-t1"
@@ -106,8 +107,8 @@ def main(argv=None) -> int:
             for name, image, labels in targets:
                 options = RunOptions(volume=image, models=[bundled_models(model_set)], reference=labels, device=args.device,
                                      seed=args.seed, probe_patches=args.probe_patches)
-                case = load_case(options, Progress(), Timings())
-                plan, probe_run = plan_merge(case, options, Progress(), Timings())
+                case = load_case(options.input_settings(), options.inference_overrides(), progress=Progress())
+                plan, probe_run = plan_merge(case, options.merge_settings(), options.probe_settings(), progress=Progress())
                 merged = plan.network(case.models)
                 batch = probe_batch_size(probe_run.probe, case.settings.roi_size)
                 start = mean_dice(case, merged)

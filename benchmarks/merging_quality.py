@@ -31,14 +31,14 @@ import numpy as np
 from contrast_pool import TARGET_CONTRASTS, contrast_pool, write_target
 from tables import publish
 
+from entropymerge.case import load_case
 from entropymerge.evaluation import compare_methods
 from entropymerge.fingerprint import FINGERPRINT_KEY
 from entropymerge.merging import STATISTICS
 from entropymerge.models import load_site_models
-from entropymerge.pipeline import RunOptions, Timings, load_case
 from entropymerge.progress import Progress
 from entropymerge.sampledata import TARGET_SITES, bundled_models, write_case
-from entropymerge.settings import MergeSettings
+from entropymerge.settings import MergeSettings, RunOptions
 from entropymerge.training import case_seed
 
 METHOD_ORDER = ["oracle", "adaptive", "adaptive-coupled", "mean", "ensemble", "select"]
@@ -76,7 +76,7 @@ def evaluate_pool(models: list[Path], targets, settings: MergeSettings, variants
     for name, image, labels in targets:
         options = RunOptions(volume=image, models=models, reference=labels, device=device, statistic=settings.statistic,
                              temperature=settings.temperature, head_temperature=settings.head_temperature)
-        case = load_case(options, Progress(), Timings())
+        case = load_case(options.input_settings(), options.inference_overrides(), progress=Progress())
         comparison = compare_methods(case, settings, probe_patches=probe_patches, variants=variants)
         for result in comparison.results:
             if result.key.startswith("site:"):

@@ -30,9 +30,10 @@ import torch
 from tables import publish
 
 from entropymerge.models import load_site_models
-from entropymerge.pipeline import RunOptions, run
+from entropymerge.pipeline import run
 from entropymerge.progress import Progress
 from entropymerge.sampledata import SOURCE_SITES, bundled_models, bundled_targets, simulate
+from entropymerge.settings import RunOptions
 from entropymerge.training import case_seed
 from entropymerge.volume import write_volume
 

@@ -25,9 +25,10 @@ from .compatibility import check_compatible
 from .errors import UserInputError
 from .models import load_site_models
 from .outputs import clean_after_killed_runs, safe_file_stem, write_text_atomically
-from .pipeline import RunOptions, run, validate_options
+from .pipeline import run, validate_options
 from .progress import Progress
 from .report import REPORT_NAME, write_report
+from .settings import RunOptions
 from .summary import SUMMARY_NAME, RunSummary, read_summary_file
 from .volume import LABEL_MAP_ENDINGS, is_label_map_name, split_volume_name
 
@@ -248,7 +249,7 @@ def run_case(case: BatchCase, options: RunOptions, out: Path, threads: int = 1) 
     Returns:
         The case's table row; a failure is recorded (row and ``error.txt``), never raised.
     """
-    from .cli import quiet_libraries
+    from .quiet import quiet_libraries
 
     quiet_libraries()  # workers are fresh processes: keep library chatter out of the batch's output, as the CLI does
     folder = out / case.name

@@ -14,13 +14,14 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
+from .case import Case, load_case
 from .evaluation import Comparison, compare_methods, comparison_summary, comparison_table
 from .figures import ENTROPY_COLORMAP, ENTROPY_LABEL, canonical, intensity_window, most_different_slice, show_image, show_labels
 from .merging import site_scores
 from .outputs import OutputFolder, safe_file_stem
-from .pipeline import Case, RunOptions, Timings, load_case
 from .progress import Progress
 from .sampledata import bundled_models, bundled_targets
+from .settings import RunOptions
 from .summary import output_key
 
 DEFAULT_FOLDER = "entropymerge-demo"
@@ -52,7 +53,7 @@ def run_demo(out: Path | None = None, device: str = "auto", overwrite: bool = Fa
         for target in targets:
             progress.stage(target.name, f"target {target.name}")
             options = RunOptions(volume=target.image, models=models, reference=target.labels, device=device)
-            case = load_case(options, Progress(), Timings())
+            case = load_case(options.input_settings(), options.inference_overrides(), progress=Progress())
             comparison = compare_methods(case, options.merge_settings(), options.probe_patches,
                                          progress=_StageProgress(progress))
             print_(_report(target.name, case, comparison, options.statistic))

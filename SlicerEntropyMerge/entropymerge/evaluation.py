@@ -10,13 +10,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 
+from .case import Case
 from .inference import Segmentation
 from .merging import MergePlan, one_hot, plan_statistics
 from .methods import METHODS, MergeMethod, PlanContext
-from .pipeline import Case, site_probe_outputs
 from .probe import probe_batch_size
 from .progress import Progress
 from .settings import MergeSettings
+from .stages import site_probe_outputs
 
 
 @dataclass

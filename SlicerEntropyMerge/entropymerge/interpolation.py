@@ -21,13 +21,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .artefact import merged_model_card  # noqa: E402
+from .case import Case, Timings, input_paths, load_case  # noqa: E402
 from .entropy import probe_statistics  # noqa: E402
 from .errors import UserInputError  # noqa: E402
 from .models import save_site_model  # noqa: E402
 from .outputs import OutputFolder  # noqa: E402
-from .pipeline import Case, RunOptions, Timings, input_paths, load_case, plan_merge  # noqa: E402
 from .probe import Probe, probe_batch_size, probe_probabilities  # noqa: E402
 from .progress import Progress  # noqa: E402
+from .settings import RunOptions  # noqa: E402
+from .stages import plan_merge  # noqa: E402
 from .weights import interpolate  # noqa: E402
 
 STATISTICS = ("entropy", "foreground_entropy", "balanced_entropy", "foreground_fraction")
@@ -234,15 +236,16 @@ def run_path(options: RunOptions, steps: int, progress: Progress | None = None, 
         raise UserInputError(f"--save-model-at must lie in [0, 1] (the weight of model B), got {save_model_at}")
     if options.out is None:
         raise UserInputError("an output folder (--out) is needed")
-    output = OutputFolder(options.out, options.overwrite, input_paths(options))
+    output = OutputFolder(options.out, options.overwrite, input_paths(options.input_settings(), options.scribbles))
     timings = Timings()
     progress.plan([("load", 1), ("preprocess", 1), ("features", 2), ("probe", 1), ("merge", 1),
                    ("path", steps * (4 if options.reference else 1)), ("write", 1)])
     try:
-        case = load_case(options, progress, timings)
+        case = load_case(options.input_settings(), options.inference_overrides(), options.probe_settings(),
+                         options.ranking_settings(), progress, timings)
         if len(case.models) != 2:
             raise UserInputError(f"path interpolates between exactly two site models; {len(case.models)} were given")
-        plan, probe_run = plan_merge(case, options, progress, timings)
+        plan, probe_run = plan_merge(case, options.merge_settings(), options.probe_settings(), options.rank, progress, timings)
         adaptive = (float(plan.body[1]), float(plan.head[1]) if plan.head is not None else None)
         progress.stage("path", f"{steps} steps from {case.models[0].name} to {case.models[1].name}")
         with timings.measure("path"):

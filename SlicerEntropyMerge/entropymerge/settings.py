@@ -276,7 +276,7 @@ class RunOptions:
 
 RUN_OPTION_NAMES = frozenset(f.name for f in fields(RunOptions))
 # parsed arguments that steer the command line itself, not the run
-COMMAND_LINE_ONLY = frozenset({"command", "handler", "progress"})
+COMMAND_LINE_ONLY = frozenset({"command", "progress"})
 
 
 def options_from_arguments(arguments: argparse.Namespace | Mapping, ignore: Iterable[str] = ()) -> RunOptions:
