@@ -75,7 +75,14 @@ class AdaptationResult:
 
 
 def normalization_parameters(network: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The affine weight and bias of every batch, instance, group and layer norm of ``network``."""
+    """The affine weight and bias of every batch, instance, group and layer norm of ``network``.
+
+    Args:
+        network: the network.
+
+    Returns:
+        The parameters (the network's own, not copies), in module order, weight before bias.
+    """
     return [
         parameter
         for module in network.modules() if isinstance(module, NORMALIZATION_LAYERS)
@@ -87,7 +94,13 @@ def add_identity_affines(network: torch.nn.Module) -> int:
     """Give every normalisation layer of ``network`` that has no affine weight an identity one, in place.
 
     Weight 1 and bias 0 per channel (per element for layer norm), as trainable parameters: the
-    layer's output is unchanged until they are trained. Returns the number of layers changed.
+    layer's output is unchanged until they are trained.
+
+    Args:
+        network: the network, changed in place.
+
+    Returns:
+        The number of layers that got an identity affine.
     """
     changed = 0
     for module in network.modules():
@@ -113,6 +126,15 @@ def adaptation_loss(probabilities: torch.Tensor, method: str, counts: torch.Tens
     only voxels with h(v) below it count (and n_c counts only those). ``counts`` (C,) are these
     counts over the whole probe when ``probabilities`` is only a batch of it; the losses of the
     batches then sum to the loss of the probe.
+
+    Args:
+        probabilities: (N, C, X, Y, Z) softmax output, with gradient.
+        method: "tent" or "dsbr".
+        counts: (C,) voxels per predicted class over the whole probe; None: those of ``probabilities``.
+        reliable_below: only voxels whose normalised entropy is below this count; None: all.
+
+    Returns:
+        The loss, a scalar tensor with gradient.
     """
     entropy = normalized_entropy(probabilities, dim=1)
     predicted = predicted_labels(probabilities.detach())
@@ -132,15 +154,30 @@ def proportion_loss(probabilities: torch.Tensor, start: torch.Tensor) -> torch.T
     """KL(start || now) / log C of the soft class proportions: ``probabilities`` (N, C, X, Y, Z) give
     ``now`` (C,), their mean over voxels; ``start`` (C,) is the same mean before adaptation. Zero
     (with zero gradient) while the proportions are unchanged; it counters the drift of the class
-    mix (foreground shrinking under TENT, growing under DSBR)."""
+    mix (foreground shrinking under TENT, growing under DSBR).
+
+    Args:
+        probabilities: (N, C, X, Y, Z) softmax output, with gradient.
+        start: (C,) mean class probabilities before adaptation.
+
+    Returns:
+        The loss, a scalar tensor in units of log C.
+    """
     now = probabilities.mean(dim=(0, *range(2, probabilities.dim()))).clamp_min(1e-8)
     start = start.clamp_min(1e-8)
     return (start * (start.log() - now.log())).sum() / math.log(probabilities.shape[1])
 
 
 def loss_counts(probabilities: torch.Tensor, reliable_below: float | None = None) -> torch.Tensor:
-    """Voxels predicted as each class, (N, C, ...) probabilities -> (C,); with ``reliable_below`` only
-    those whose normalised entropy is below it."""
+    """Voxels predicted as each class; with ``reliable_below`` only those whose normalised entropy is below it.
+
+    Args:
+        probabilities: (N, C, ...) softmax output.
+        reliable_below: the normalised-entropy threshold; None: every voxel counts.
+
+    Returns:
+        (C,) int64 counts, on the device of ``probabilities``.
+    """
     predicted = predicted_labels(probabilities)
     if reliable_below is not None:
         predicted = predicted[normalized_entropy(probabilities, dim=1) < reliable_below]
@@ -150,7 +187,13 @@ def loss_counts(probabilities: torch.Tensor, reliable_below: float | None = None
 def collapse(start: np.ndarray, now: np.ndarray, class_names: Sequence[str]) -> tuple[str, str] | None:
     """The guard: (rule, message) when the class proportions ``now`` have collapsed against ``start``, else None.
 
-    Both are (C,) fractions of the probe voxels predicted as each class; class 0 is the background.
+    Args:
+        start: (C,) fractions of the probe voxels predicted as each class before adaptation; class 0 is the background.
+        now: (C,) the same fractions now.
+        class_names: C names, for the message.
+
+    Returns:
+        (rule, message) with rule "class_vanished" or "foreground_fraction", or None while nothing collapsed.
     """
     vanished = [name for name, before, after in zip(class_names, start, now) if before > 0 and after == 0]
     if vanished:
@@ -180,6 +223,18 @@ def adapt(
     afterwards; instance norms need neither. Normalisation layers without affine parameters get
     identity ones on the copy (``add_identity_affines``), so the adapted copy may hold more
     parameters than ``network``.
+
+    Args:
+        network: the merged network.
+        probe: the probe; its (P, C_in, X, Y, Z) patches are the adaptation data.
+        settings: method, steps, learning rate, seed, guard and loss options.
+        device: where the adaptation runs.
+        batch_size: probe patches per step's forward pass (the gradient sums over all batches).
+        class_names: C names for the record and the guard's messages; None: "class c".
+        progress: progress reports, one per step.
+
+    Returns:
+        (the network to segment with, the record of the adaptation).
     """
     settings.check()
     progress = progress or Progress()

@@ -72,6 +72,7 @@ class Statistic:
     alone: bool = False
 
     def score(self, stats: dict[str, list[float]]) -> list[float]:
+        """s_k: the sum of this statistic's probe statistics for each model (K floats)."""
         return [float(sum(values)) for values in zip(*(stats[key] for key in self.keys))]
 
 

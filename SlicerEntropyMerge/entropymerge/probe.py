@@ -38,9 +38,11 @@ class Probe:
 
     @property
     def voxels(self) -> int:
+        """Voxels the site models see on the probe: P x X x Y x Z."""
         return int(self.patches.shape[0] * np.prod(self.patches.shape[2:]))
 
     def describe(self) -> dict:
+        """The probe for summary.json: mode, patch count and size, voxels, origins."""
         return {
             "mode": self.mode,
             "patches": int(self.patches.shape[0]),
@@ -213,7 +215,14 @@ def patch_batches(patches: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
 
 
 def softmax_on_cpu(logits: torch.Tensor) -> torch.Tensor:
-    """Class probabilities of (B, C, X, Y, Z) logits: (B, C, X, Y, Z) float32 on the CPU."""
+    """Class probabilities of logits, as every probe pass keeps them.
+
+    Args:
+        logits: (B, C, X, Y, Z) network output, on any device, in any float dtype.
+
+    Returns:
+        (B, C, X, Y, Z) float32 softmax over C, on the CPU.
+    """
     return torch.softmax(logits.float(), dim=1).cpu()
 
 
@@ -249,6 +258,9 @@ def apply_batchnorm_policy(network: torch.nn.Module, probe: Probe, policy: str, 
             (a cumulative average over its batches).
         device: where the network runs.
         batch_size: patches per forward pass.
+
+    Returns:
+        None; ``network`` is changed in place.
     """
     if policy == "merge":
         return

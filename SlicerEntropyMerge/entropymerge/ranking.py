@@ -55,6 +55,7 @@ class LabelSource:
 
     @property
     def self_referenced(self) -> bool:
+        """Whether the labels are the merged model's own prediction."""
         return self.kind == "pseudo-label"
 
 
@@ -160,6 +161,7 @@ class Ranking:
         return described
 
     def to_json(self) -> dict:
+        """The ranking as summary.json and ranking.json hold it."""
         return {
             "label_source": self.label_source, "self_referenced": self.self_referenced, "description": self.description,
             "questions": QUESTIONS, "as_is_basis": self.as_is_basis, "statistic": self.statistic, "columns": self.columns(),
@@ -168,6 +170,7 @@ class Ranking:
         }
 
     def to_csv(self) -> str:
+        """The rows as CSV text (ranking.csv): one column per present column key, empty for a missing value."""
         keys = [c["key"] for c in self.columns()]
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=keys, extrasaction="ignore", lineterminator="\n")
@@ -177,6 +180,7 @@ class Ranking:
         return buffer.getvalue()
 
     def table(self) -> str:
+        """The ranking as a plain-text table (``rankingtable.ranking_table``)."""
         return ranking_table(self.to_json())
 
 def score_taus(rows: list[dict], truth: list[float] | None = None) -> dict[str, dict[str, float]]:

@@ -38,6 +38,7 @@ class Taps:
     encoder: tuple[Tap, ...]
 
     def describe(self) -> dict:
+        """The taps for ranking.json: module names per group and the stage weights."""
         def name(tap):
             return f"{tap.module} ({tap.reads})" if tap.reads == "input" else tap.module
 
