@@ -247,11 +247,11 @@ def test_rank_from_scribbles_and_from_pseudo_labels(tmp_path, mind_models, spher
 
 
 def test_run_rank_reuses_the_probe_passes(tmp_path, mind_models, sphere_case, monkeypatch):
-    import entropymerge.pipeline as pipeline
     import entropymerge.ranking as ranking_module
+    import entropymerge.stages as stages
     import entropymerge.taps as taps_module
 
-    calls = {"pipeline": 0, "ranking": 0}
+    calls = {"probe stage": 0, "ranking": 0}
     original = taps_module.tapped_pass
 
     def counting(where):
@@ -260,12 +260,12 @@ def test_run_rank_reuses_the_probe_passes(tmp_path, mind_models, sphere_case, mo
             return original(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(pipeline, "tapped_pass", counting("pipeline"))
+    monkeypatch.setattr(stages, "tapped_pass", counting("probe stage"))
     monkeypatch.setattr(ranking_module, "tapped_pass", counting("ranking"))
     image, _ = sphere_case
     code = main(["run", "--volume", str(image), "--model", str(mind_models), "--rank", "--out", str(tmp_path / "out"), "--progress", "none"])
     assert code == 0
-    assert calls == {"pipeline": 3, "ranking": 0}, "one tapped probe pass per site model, none repeated by the ranking"
+    assert calls == {"probe stage": 3, "ranking": 0}, "one tapped probe pass per site model, none repeated by the ranking"
     summary = json.loads((tmp_path / "out" / "summary.json").read_text(encoding="utf-8"))
     assert summary["ranking"]["label_source"] == "pseudo-label"
     assert [r["alpha"] for r in sorted(summary["ranking"]["rows"], key=lambda r: r["model"])] == pytest.approx(
