@@ -30,15 +30,15 @@ def last_model_method():
     unregister(method.name)
 
 
-def method_choices() -> tuple:
-    parser = build_parser()
-    run_parser = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith(" run"))
-    return next(a for a in run_parser._actions if a.dest == "method").choices
+def method_choices(command: str = "run") -> tuple:
+    """The ``--method`` choices of a freshly built parser's ``command``."""
+    command_parser = build_parser()._subparsers._group_actions[0].choices[command]
+    return next(a for a in command_parser._actions if a.dest == "method").choices
 
 
 def test_a_registered_method_appears_in_the_cli_the_pipeline_and_the_evaluation(tmp_path, mind_models, sphere_case,
                                                                                  last_model_method):
-    assert method_choices() == (*METHODS,)
+    assert method_choices() == method_choices("batch") == (*METHODS,)
     assert "last-model" in method_choices()
     image, labels = sphere_case
     summary = run(tmp_path / "out", "--volume", image, "--model", mind_models, "--method", "last-model")
@@ -52,6 +52,14 @@ def test_a_registered_method_appears_in_the_cli_the_pipeline_and_the_evaluation(
     last = comparison.get("last-model")
     assert last.label == "last site model (site2)"
     assert last.evaluation == comparison.get("site:site2").evaluation  # a one-hot plan reuses that model's result
+
+
+def test_an_unregistered_method_leaves_the_cli():
+    method = register(MergeMethod("first-model", "first site model", "always the first site model",
+                                  plan=lambda context: MergePlan("first-model", one_hot(0, len(context.models)))))
+    assert "first-model" in method_choices("batch")
+    unregister(method.name)
+    assert "first-model" not in method_choices() and "first-model" not in method_choices("batch")
 
 
 def test_unknown_method_is_a_one_line_user_error(tmp_path, capsys, mind_models, sphere_case):

@@ -129,6 +129,11 @@ def build_parser() -> ArgumentParser:
 
 
 def add_method_options(parser: argparse.ArgumentParser) -> None:
+    """Options of the merge, the probe, the stable features and the extra outputs (``run``, ``batch``).
+
+    Args:
+        parser: the sub-command's parser.
+    """
     from .merging import STATISTICS
 
     method = parser.add_argument_group("merging")
@@ -160,6 +165,12 @@ def add_method_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_ranking_options(parser: argparse.ArgumentParser, with_switch: bool) -> None:
+    """Options of the transferability ranking.
+
+    Args:
+        parser: the sub-command's parser.
+        with_switch: add ``--rank`` (``run``); ``rank`` always ranks.
+    """
     ranking = parser.add_argument_group("transferability ranking")
     if with_switch:
         ranking.add_argument("--rank", action="store_true", help="also rank the site models (reuses the run's probe passes)")
@@ -171,6 +182,11 @@ def add_ranking_options(parser: argparse.ArgumentParser, with_switch: bool) -> N
 
 
 def add_common_run_options(parser: argparse.ArgumentParser) -> None:
+    """Options of device, sliding windows, output format, trust, overwriting, memory and progress.
+
+    Args:
+        parser: the sub-command's parser.
+    """
     parser.add_argument("--device", default=InferenceOverrides.device, help="auto (GPU when available) | cpu | cuda | cuda:N")
     parser.add_argument("--roi-size", type=positive_int, nargs=3, metavar=("X", "Y", "Z"),
                         help="run in sliding windows of this size (default: the model card's or bundle's inferer); "
@@ -189,6 +205,11 @@ def add_common_run_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_adaptation_options(parser: argparse.ArgumentParser) -> None:
+    """Options of the test-time adaptation of the merged model.
+
+    Args:
+        parser: the sub-command's parser.
+    """
     adaptation = parser.add_argument_group("test-time adaptation of the merged model")
     adaptation.add_argument("--adapt", default=AdaptationSettings.method, choices=ADAPT_METHODS,
                             help="tune the normalisation layers on the probe: tent (entropy minimisation) or dsbr (class-balanced "
@@ -206,6 +227,11 @@ def add_adaptation_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_path_command(commands) -> None:
+    """``entropymerge path``: probe entropy (and Dice) along the interpolation between two site models.
+
+    Args:
+        commands: the sub-parsers of ``build_parser``.
+    """
     path = commands.add_parser("path", help="probe entropy (and Dice) along the weight interpolation between two site models")
     path.add_argument("--volume", required=True, type=Path, help="target volume")
     path.add_argument("--model", dest="models", action="append", required=True, type=Path,
@@ -223,6 +249,11 @@ def add_path_command(commands) -> None:
 
 
 def add_merge_command(commands) -> None:
+    """``entropymerge merge``: site models merged with given coefficients into one site model.
+
+    Args:
+        commands: the sub-parsers of ``build_parser``.
+    """
     merge = commands.add_parser("merge", help="merge site models with given coefficients (no volume) into one site model")
     merge.add_argument("--model", dest="models", action="append", required=True, type=Path,
                        help="site model, as for run; repeat (the coefficients follow this order)")
@@ -238,11 +269,21 @@ def add_merge_command(commands) -> None:
 
 
 def add_report_option(parser: argparse.ArgumentParser) -> None:
+    """``--report``: also write report.html.
+
+    Args:
+        parser: the sub-command's parser.
+    """
     parser.add_argument("--report", action="store_true",
                         help="also write report.html: one self-contained page with views, entropy, site-model grid, coefficients, tables")
 
 
 def add_report_command(commands) -> None:
+    """``entropymerge report``: the HTML page of a finished run.
+
+    Args:
+        commands: the sub-parsers of ``build_parser``.
+    """
     report = commands.add_parser("report", help="one self-contained HTML page of a finished run (opens offline in any browser)")
     report.add_argument("run_dir", type=Path, help="output folder of a finished run (holds summary.json)")
     report.add_argument("--out", type=Path, help="HTML file to write (default: RUN_DIR/report.html)")
@@ -252,6 +293,11 @@ def add_report_command(commands) -> None:
 
 
 def add_batch_command(commands) -> None:
+    """``entropymerge batch``: one run per case of a folder or CSV.
+
+    Args:
+        commands: the sub-parsers of ``build_parser``.
+    """
     batch = commands.add_parser("batch", help="one run per case of a folder or CSV; resumable; serial, local processes or Dask")
     batch.add_argument("--cases", required=True, type=Path,
                        help="folder of volumes (CASE.nii.gz or CASE_image.nii.gz; CASE_labels.nii.gz beside one is its reference) "

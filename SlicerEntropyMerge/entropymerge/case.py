@@ -80,7 +80,7 @@ class Case:
         logits = predict_logits(network, self.inputs, self.settings, self.device, progress, self.report)
         return torch.softmax(logits[0].float(), dim=0)
 
-    def select_probe(self, patch_size=None, patches: int = 8, mode: str = "patches") -> Probe:
+    def select_probe(self, patch_size=None, patches: int = ProbeSettings.patches, mode: str = ProbeSettings.mode) -> Probe:
         """The probe for this case.
 
         Args:

@@ -23,6 +23,7 @@ from .validation import one_line
 
 
 def command_path(args, progress: Progress) -> None:
+    """``entropymerge path``: the interpolation path between two site models (path.csv, path.png)."""
     from .interpolation import path_table, run_path
 
     options = options_from_arguments(args, ignore=("steps", "save_model_at"))
@@ -33,6 +34,7 @@ def command_path(args, progress: Progress) -> None:
 
 
 def command_merge(args, progress: Progress) -> None:
+    """``entropymerge merge``: write the merged site model (safetensors + card)."""
     from .artefact import merge_to_folder
 
     notes: list[str] = []
@@ -45,12 +47,14 @@ def command_merge(args, progress: Progress) -> None:
 
 
 def command_report(args, progress: Progress) -> None:
+    """``entropymerge report``: write report.html of a finished run."""
     from .report import write_report
 
     print(f"report: {write_report(args.run_dir, args.out, args.volume, args.overwrite, progress)}")
 
 
 def command_batch(args, progress: Progress) -> int:
+    """``entropymerge batch``: run every case; returns ``ExitCode.CASES_FAILED`` when some failed."""
     from .batch import discover_cases, run_batch
 
     if args.reference or args.scribbles:
@@ -70,6 +74,7 @@ def command_batch(args, progress: Progress) -> int:
 
 
 def command_run(args, progress: Progress) -> None:
+    """``entropymerge run``: segment one volume and print where the outputs are."""
     from .pipeline import run
 
     summary = run(options_from_arguments(args), progress)
@@ -86,6 +91,7 @@ def command_run(args, progress: Progress) -> None:
 
 
 def command_rank(args, progress: Progress) -> None:
+    """``entropymerge rank``: rank the site models for one volume (no segmentation written)."""
     from .pipeline import run
 
     summary = run(options_from_arguments(args), progress)
@@ -102,18 +108,21 @@ def print_run_table(summary: RunSummary, progress_mode: str) -> None:
 
 
 def command_demo(args, progress: Progress) -> None:
+    """``entropymerge demo``: the whole story on the bundled sample."""
     from .demo import run_demo
 
     run_demo(args.out, args.device, args.overwrite, progress)
 
 
 def command_sites(args, progress: Progress) -> None:
+    """``entropymerge sites``: list the simulated sites."""
     from .sampledata import describe_sites
 
     print(describe_sites())
 
 
 def command_simulate(args, progress: Progress) -> None:
+    """``entropymerge simulate``: write synthetic scans (image + labels) of one site."""
     from .sampledata import site, write_case
     from .training import case_seed
 
@@ -125,6 +134,7 @@ def command_simulate(args, progress: Progress) -> None:
 
 
 def command_train(args, progress: Progress) -> None:
+    """``entropymerge train``: train the sample site models."""
     from .training import TrainingConfig, train_site_models
 
     config = TrainingConfig(
@@ -149,6 +159,7 @@ def command_train(args, progress: Progress) -> None:
 
 
 def command_models(args, progress: Progress) -> int:
+    """``entropymerge models``: describe site models; returns ``ExitCode.BAD_INPUT`` when some cannot be used."""
     import json
 
     from .compatibility import describe_models
@@ -169,6 +180,7 @@ def command_models(args, progress: Progress) -> int:
 
 
 def command_fetch_weights(args, progress: Progress) -> None:
+    """``entropymerge fetch-weights``: download and verify a feature extractor's weights."""
     from .features import ANATOMIX_WEIGHTS_NAME, Anatomix, default_cache_dir, fetch_weights
 
     destination = (args.cache_dir or default_cache_dir()) / "weights" / ANATOMIX_WEIGHTS_NAME
@@ -177,6 +189,14 @@ def command_fetch_weights(args, progress: Progress) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line.
+
+    Args:
+        argv: the arguments without the program name; None: ``sys.argv[1:]``.
+
+    Returns:
+        The exit code (``ExitCode``; 128 + the signal when a signal ended it).
+    """
     argv = sys.argv[1:] if argv is None else argv
     progress: Progress = Progress()
     for stream in (sys.stdout, sys.stderr):  # a C locale or a Windows console cannot encode every name
@@ -200,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def fail(progress: Progress, message: str, code: int) -> int:
+    """Report a failure on the progress channel and stderr; returns ``code``."""
     message = one_line(message)
     progress.error(message, int(code))
     print(message, file=sys.stderr)

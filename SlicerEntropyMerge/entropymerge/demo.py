@@ -21,7 +21,7 @@ from .merging import site_scores
 from .outputs import OutputFolder, safe_file_stem
 from .progress import Progress
 from .sampledata import bundled_models, bundled_targets
-from .settings import RunOptions
+from .settings import InferenceOverrides, RunOptions
 from .summary import output_key
 
 DEFAULT_FOLDER = "entropymerge-demo"
@@ -38,8 +38,20 @@ def fresh_folder(requested: Path | None) -> Path:
     return candidate
 
 
-def run_demo(out: Path | None = None, device: str = "auto", overwrite: bool = False, progress: Progress | None = None,
-             print_=print) -> dict:
+def run_demo(out: Path | None = None, device: str = InferenceOverrides.device, overwrite: bool = False,
+             progress: Progress | None = None, print_=print) -> dict:
+    """``entropymerge demo``: every method on the bundled sample targets, with a figure and a summary.
+
+    Args:
+        out: the output folder; None: ./entropymerge-demo (or -2, -3 ... when it exists).
+        device: "auto", "cpu", "cuda" or "cuda:N".
+        overwrite: replace earlier demo results in ``out``.
+        progress: reports one stage per target and the figure.
+        print_: where the per-target story goes (the console by default).
+
+    Returns:
+        The demo's summary, as written to summary.json (per target: the methods' Dice and coefficients).
+    """
     progress = progress or Progress()
     folder = fresh_folder(out)
     output = OutputFolder(folder, overwrite)
@@ -129,7 +141,15 @@ def _story(comparison: Comparison, statistic: str) -> str:
 
 def demo_figure(rows, path: Path) -> Path:
     """Per target: the scan, ground truth, mean-merge and adaptive-merge overlays, and the adaptive
-    merge's entropy over the dimmed scan, on the axial slice where the two merges differ most."""
+    merge's entropy over the dimmed scan, on the axial slice where the two merges differ most.
+
+    Args:
+        rows: (target name, case, comparison) per target.
+        path: the PNG file to write.
+
+    Returns:
+        ``path``.
+    """
     columns = ["target", "ground truth", "mean merge", "entropy-adaptive merge", "adaptive: entropy"]
     figure, axes = plt.subplots(len(rows), len(columns), figsize=(3.2 * len(columns), 3.6 * len(rows) + 0.8), squeeze=False,
                                 layout="constrained")

@@ -64,14 +64,21 @@ def register(method: MergeMethod) -> MergeMethod:
 
 
 def unregister(name: str) -> None:
+    """Remove the merge method ``name`` (no error when there is none)."""
     METHODS.pop(name, None)
 
 
 def method_names() -> tuple[str, ...]:
+    """The registered methods' names, in registration order."""
     return tuple(METHODS)
 
 
 def get_method(name: str) -> MergeMethod:
+    """The registered method ``name``.
+
+    Raises:
+        UserInputError: naming the registered methods when ``name`` is none of them.
+    """
     if name not in METHODS:
         raise UserInputError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
     return METHODS[name]

@@ -14,13 +14,13 @@ from dataclasses import replace
 from .artefact import check_model_folder
 from .case import Timings, input_paths, load_case, validate_settings
 from .errors import UserInputError
-from .methods import MergeMethod, get_method
+from .methods import get_method
 from .outputs import OutputFolder
 from .progress import Progress
 from .settings import RunOptions
-from .stages import adapt_merged, plan_merge, rank_case, run_every_model, save_run_model, segment_volume
+from .stages import adapt_merged, evaluate_segmentation, plan_merge, rank_case, run_every_model, save_run_model, segment_volume
 from .summary import AdaptationRecord, RankingRecord, RunSummary
-from .writing import build_summary, write_segmentation
+from .writing import build_summary, write_ranking, write_segmentation
 
 
 def validate_options(options: RunOptions) -> None:
@@ -29,7 +29,25 @@ def validate_options(options: RunOptions) -> None:
                       options.input_settings(), options.output_settings())
 
 
-def stage_weights(options: RunOptions, method: MergeMethod, runs_every_model: bool) -> list[tuple[str, float]]:
+def checked_options(options: RunOptions) -> RunOptions:
+    """``options`` after the cheap checks (``validate_options``, an output folder), ranking when scribbles are given."""
+    validate_options(options)
+    if options.scribbles and not options.rank:
+        options = replace(options, rank=True)  # scribbles are only used to rank
+    if options.out is None:
+        raise UserInputError("an output folder (--out) is needed")
+    return options
+
+
+def open_output(options: RunOptions) -> OutputFolder:
+    """The run's output folder (locked; none of the run's inputs may be replaced), after checking --save-model's."""
+    read = input_paths(options.input_settings(), options.scribbles)
+    if options.save_model is not None:  # before the output folder takes its lock: the two may be one folder
+        check_model_folder(options.save_model, options.overwrite, read)
+    return OutputFolder(options.out, options.overwrite, read, options.volume_format)
+
+
+def stage_weights(options: RunOptions, runs_every_model: bool) -> list[tuple[str, float]]:
     """The stages of a run with their expected shares of its time (0: the stage does not run)."""
     return [("load", 1), ("preprocess", 1), ("features", 2), ("probe", 2), ("merge", 1),
             ("site models", 6 * len(options.models) if runs_every_model else 0),
@@ -48,60 +66,44 @@ def run(options: RunOptions, progress: Progress | None = None) -> RunSummary:
         The run's summary, as written to ``summary.json``; its ``outputs`` are the written files' paths
         (with ``report`` and the saved model's files when asked for).
     """
-    progress = progress or Progress()
-    validate_options(options)
-    if options.scribbles and not options.rank:
-        options = replace(options, rank=True)  # scribbles are only used to rank
-    if options.out is None:
-        raise UserInputError("an output folder (--out) is needed")
-    inputs, merge, ranking, wanted = options.input_settings(), options.merge_settings(), options.ranking_settings(), options.output_settings()
-    read = input_paths(inputs, ranking.scribbles)
-    if wanted.save_model is not None:  # before the output folder takes its lock: the two may be one folder
-        check_model_folder(wanted.save_model, wanted.overwrite, read)
-    output = OutputFolder(wanted.out, wanted.overwrite, read, wanted.volume_format)
-    timings = Timings()
-    method = get_method(merge.method)
+    progress, options = progress or Progress(), checked_options(options)
+    inputs, merge, probe, ranking, wanted = (options.input_settings(), options.merge_settings(), options.probe_settings(),
+                                             options.ranking_settings(), options.output_settings())
     per_model_runs = wanted.per_model or (ranking.rank and inputs.reference)  # each site model's own result
-    progress.plan(stage_weights(options, method, method.runs_every_model or per_model_runs))
+    output, timings = open_output(options), Timings()
+    progress.plan(stage_weights(options, get_method(merge.method).runs_every_model or per_model_runs))
     try:
         output.expect(*(f"{name}.{wanted.volume_format}" for name in ("segmentation", "entropy") if wanted.segment),
                       *(["report.html"] if wanted.report else []))
-        case = load_case(inputs, options.inference_overrides(), options.probe_settings(), ranking, progress, timings)
+        case = load_case(inputs, options.inference_overrides(), probe, ranking, progress, timings)
         if ranking.rank and len(case.models) < 2:
             raise UserInputError(f"--rank needs at least two models; {len(case.models)} given")
-        plan, probe_run = plan_merge(case, merge, options.probe_settings(), ranking.rank, progress, timings)
+        plan, probe_run = plan_merge(case, merge, probe, ranking.rank, progress, timings)
         per_model: dict[str, dict] = {}
         ensemble_sum = None
         if plan.body is None or per_model_runs:  # plan.body None: the method combines full runs of every model
             plan, ensemble_sum = run_every_model(case, plan, per_model, progress, timings, output if wanted.per_model else None)
-        adapted, adaptation = adapt_merged(case, plan, options.adaptation_settings(), options.probe_settings(), probe_run,
-                                           progress, timings) if wanted.segment else (None, None)
-        segmentation, evaluation, pseudo_labels, network = None, None, None, None
+        adapted, adaptation = (adapt_merged(case, plan, options.adaptation_settings(), probe, probe_run, progress, timings)
+                               if wanted.segment else (None, None))
+        segmentation, pseudo_labels, network = None, None, None
         if wanted.segment or not (inputs.reference or ranking.scribbles):
             segmentation, pseudo_labels, network = segment_volume(case, plan, adapted, ensemble_sum, wanted.probabilities,
                                                                   ranking.rank, progress, timings)
-        if case.reference is not None and segmentation is not None:
-            progress.stage("evaluate", "comparing with the reference segmentation")
-            with timings.measure("evaluate"):
-                evaluation = case.evaluate(segmentation.labels)
-        ranking_result = None
+        evaluation = evaluate_segmentation(case, segmentation, progress, timings)
+        ranked = None
         if ranking.rank:
-            progress.stage("rank", "ranking the site models")
-            with timings.measure("rank"):
-                ranking_result = rank_case(case, merge, ranking, inputs.reference, probe_run, plan, pseudo_labels, per_model)
-            output.json("ranking", "ranking.json", ranking_result.to_json())
-            output.text("ranking_csv", "ranking.csv", ranking_result.to_csv())
-
+            ranked = rank_case(case, merge, ranking, inputs.reference, probe_run, plan, pseudo_labels, per_model, progress, timings)
+            write_ranking(output, ranked)
         progress.stage("write", "writing the outputs")
         with timings.measure("write"):
             if wanted.segment:
                 write_segmentation(output, "", segmentation, case)
         summary = build_summary(inputs.volume, case, plan, timings, progress, evaluation, per_model)
-        summary.ranking = RankingRecord(**ranking_result.to_json()) if ranking_result else None
+        summary.ranking = RankingRecord(**ranked.to_json()) if ranked else None
         summary.adaptation = AdaptationRecord(**adaptation) if adaptation else None
         if wanted.save_model is not None and network is not None:
             summary.saved_model = save_run_model(case, plan, network, adaptation, inputs.volume, options.inference_overrides(),
-                                                    wanted.save_model)
+                                                 wanted.save_model)
         outputs = output.commit(summary.to_json(), release=not wanted.report)
         outputs.update(summary.saved_model or {})
     except BaseException:

@@ -248,28 +248,35 @@ class RunOptions:
     save_model: Optional[Path] = _OUTPUT.save_model
 
     def merge_settings(self) -> MergeSettings:
+        """The merge's settings."""
         return MergeSettings(self.method, self.single_model, self.temperature, self.head_temperature, self.decouple_head,
                              self.statistic, self.refine, self.batchnorm)
 
     def probe_settings(self) -> ProbeSettings:
+        """The probe's settings (the patch size as a tuple)."""
         return ProbeSettings(self.probe, self.probe_patches, tuple(self.probe_size) if self.probe_size else None)
 
     def inference_overrides(self) -> InferenceOverrides:
+        """The user's overrides of the model card's inference settings."""
         return InferenceOverrides(self.device, tuple(self.roi_size) if self.roi_size else None, self.overlap,
                                   self.sw_batch_size, self.memory_limit_gb)
 
     def adaptation_settings(self) -> AdaptationSettings:
+        """The test-time adaptation's settings (its seed is ``seed``)."""
         return AdaptationSettings(self.adapt, self.adapt_steps, self.adapt_lr, self.seed, reliable_below=self.adapt_reliable,
                                   prior_weight=self.adapt_prior)
 
     def ranking_settings(self) -> RankingSettings:
+        """The ranking's settings (its seed is ``seed``)."""
         return RankingSettings(self.rank, self.scribbles, self.unlabelled_value, self.seed)
 
     def output_settings(self) -> OutputSettings:
+        """What the run writes, and where."""
         return OutputSettings(self.out, self.overwrite, self.volume_format, self.probabilities, self.per_model, self.report,
                               self.save_model, self.segment)
 
     def input_settings(self) -> InputSettings:
+        """The files the run reads (the models as a tuple)."""
         return InputSettings(self.volume, tuple(self.models), self.reference, self.features, self.anatomix_weights,
                              self.feature_cache, self.no_feature_cache, self.trust_code)
 

@@ -26,7 +26,7 @@ from .outputs import OutputFolder
 from .preprocessing import labels_to_model_space
 from .probe import Probe, probe_batch_size, probe_probabilities
 from .progress import Progress
-from .ranking import LabelSource, rank_models
+from .ranking import LabelSource, Ranking, rank_models
 from .settings import AdaptationSettings, InferenceOverrides, MergeSettings, ProbeSettings, RankingSettings
 from .taps import Taps, find_taps, tapped_pass
 from .writing import write_segmentation
@@ -211,6 +211,19 @@ def segment_volume(case: Case, plan: MergePlan, adapted: torch.nn.Module | None,
     return segmentation, labels, network
 
 
+def evaluate_segmentation(case: Case, segmentation: Segmentation | None, progress: Progress, timings: Timings) -> dict | None:
+    """The evaluate stage: Dice and HD95 (mm) of the run's segmentation against the reference.
+
+    Returns:
+        The evaluation, or None without a reference or a segmentation (the stage does not run).
+    """
+    if case.reference is None or segmentation is None:
+        return None
+    progress.stage("evaluate", "comparing with the reference segmentation")
+    with timings.measure("evaluate"):
+        return case.evaluate(segmentation.labels)
+
+
 def adapt_merged(case: Case, plan: MergePlan, adaptation: AdaptationSettings, probe: ProbeSettings,
                  probe_run: ProbeRun | None, progress: Progress, timings: Timings) -> tuple[torch.nn.Module | None, dict | None]:
     """--adapt: the merged network after collapse-safe test-time adaptation on the run's probe.
@@ -286,8 +299,8 @@ def label_source(case: Case, ranking: RankingSettings, reference: Path | None, p
 
 
 def rank_case(case: Case, merge: MergeSettings, ranking: RankingSettings, reference: Path | None, probe_run: ProbeRun,
-              plan: MergePlan, pseudo_labels, per_model: dict):
-    """Rank the site models on this case, reusing the run's probe passes and per-model results.
+              plan: MergePlan, pseudo_labels, per_model: dict, progress: Progress, timings: Timings) -> Ranking:
+    """The rank stage: rank the site models on this case, reusing the run's probe passes and per-model results.
 
     Args:
         case: the loaded case.
@@ -298,10 +311,19 @@ def rank_case(case: Case, merge: MergeSettings, ranking: RankingSettings, refere
         plan: the merge plan (its statistics and scores are reused).
         pseudo_labels: the merged model's labels (X, Y, Z) on the model grid, or None.
         per_model: each model's entry; the evaluations computed here are added to it.
+        progress: reports the rank stage.
+        timings: receives its wall time.
 
     Returns:
-        The ranking (``ranking.Ranking``).
+        The ranking.
     """
+    progress.stage("rank", "ranking the site models")
+    with timings.measure("rank"):
+        return _ranking(case, merge, ranking, reference, probe_run, plan, pseudo_labels, per_model)
+
+
+def _ranking(case: Case, merge: MergeSettings, ranking: RankingSettings, reference: Path | None, probe_run: ProbeRun,
+             plan: MergePlan, pseudo_labels, per_model: dict) -> Ranking:
     source = label_source(case, ranking, reference, pseudo_labels)
     # the adaptive and select plans computed these on the same probe passes already
     stats = plan.details.get("statistics") or plan_statistics(case.models, probe_run.probe, probe_run.outputs)

@@ -16,6 +16,7 @@ from .merging import MergePlan
 from .models import SiteModel
 from .outputs import OutputFolder, safe_file_stem
 from .progress import Progress
+from .ranking import Ranking
 from .summary import (
     Coefficients,
     Evaluation,
@@ -47,6 +48,12 @@ def write_segmentation(output: OutputFolder, model_name: str, segmentation: Segm
     if segmentation.probabilities is not None:
         for label, probability in zip(case.labels, segmentation.probabilities):
             output.volume(probability_key(label.name, model_name), f"probability_{safe_file_stem(label.name)}{suffix}", probability, geometry)
+
+
+def write_ranking(output: OutputFolder, ranking: Ranking) -> None:
+    """ranking.json and ranking.csv of the run's transferability ranking."""
+    output.json("ranking", "ranking.json", ranking.to_json())
+    output.text("ranking_csv", "ranking.csv", ranking.to_csv())
 
 
 def _named(models, values) -> dict[str, float] | None:
