@@ -49,6 +49,7 @@ class MergeMethod:
 
     @property
     def runs_every_model(self) -> bool:
+        """The method has no plan: every site model runs on the whole volume (ensemble, oracle)."""
         return self.plan is None
 
 

@@ -24,13 +24,27 @@ from .writing import build_summary, write_ranking, write_segmentation
 
 
 def validate_options(options: RunOptions) -> None:
-    """Cheap checks of the options' values, before any file is read (raises ``UserInputError``)."""
+    """Cheap checks of the options' values, before any file is read (``case.validate_settings``).
+
+    Args:
+        options: the run's options.
+
+    Raises:
+        UserInputError: naming the option and the value it cannot take.
+    """
     validate_settings(options.merge_settings(), options.inference_overrides(), options.adaptation_settings(),
                       options.input_settings(), options.output_settings())
 
 
 def checked_options(options: RunOptions) -> RunOptions:
-    """``options`` after the cheap checks (``validate_options``, an output folder), ranking when scribbles are given."""
+    """The options after the cheap checks (``validate_options``, an output folder).
+
+    Args:
+        options: the run's options.
+
+    Returns:
+        The options, with ``rank`` switched on when scribbles are given.
+    """
     validate_options(options)
     if options.scribbles and not options.rank:
         options = replace(options, rank=True)  # scribbles are only used to rank
@@ -40,7 +54,14 @@ def checked_options(options: RunOptions) -> RunOptions:
 
 
 def open_output(options: RunOptions) -> OutputFolder:
-    """The run's output folder (locked; none of the run's inputs may be replaced), after checking --save-model's."""
+    """The run's output folder, after checking --save-model's folder.
+
+    Args:
+        options: the run's options (inputs, ``out``, ``overwrite``, ``volume_format``, ``save_model``).
+
+    Returns:
+        The output folder, locked; none of the run's inputs may be replaced by an output.
+    """
     read = input_paths(options.input_settings(), options.scribbles)
     if options.save_model is not None:  # before the output folder takes its lock: the two may be one folder
         check_model_folder(options.save_model, options.overwrite, read)
@@ -48,7 +69,15 @@ def open_output(options: RunOptions) -> OutputFolder:
 
 
 def stage_weights(options: RunOptions, runs_every_model: bool) -> list[tuple[str, float]]:
-    """The stages of a run with their expected shares of its time (0: the stage does not run)."""
+    """The stages of a run with their expected shares of its time.
+
+    Args:
+        options: the run's options.
+        runs_every_model: every site model runs on the whole volume (the method, --per-model, or ranking with a reference).
+
+    Returns:
+        (stage name, weight) in run order; weight 0: the stage does not run.
+    """
     return [("load", 1), ("preprocess", 1), ("features", 2), ("probe", 2), ("merge", 1),
             ("site models", 6 * len(options.models) if runs_every_model else 0),
             ("adapt", 3 if options.adapt != "none" else 0), ("inference", 6),
