@@ -7,8 +7,8 @@ affine). Extractors live in a registry by name:
 - ``mind-ssc``: the MIND self-similarity-context descriptor (Heinrich et al., MICCAI 2013), 12
   channels, no weights. Squared patch differences make it blind to intensity offset, scale and
   inversion, so it stays put when a scanner's contrast changes.
-- ``anatomix``: the published frozen 3D U-Net (1 -> 16 channels), built to match its state-dict
-  layout exactly; it runs only with its real weights, never with random ones.
+- ``anatomix``: the published frozen 3D U-Net (1 -> 16 channels, ``anatomix.AnatomixNetwork``), built to
+  match its state-dict layout exactly; it runs only with its real weights, never with random ones.
 
 Features are cached on disk, keyed by the model-space image content and the extractor version.
 """

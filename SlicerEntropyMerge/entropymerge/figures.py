@@ -25,7 +25,7 @@ class CanonicalVolume:
     """A 3D array reordered to RAS axes (x: left->right, y: posterior->anterior, z: inferior->superior).
 
     Attributes:
-        array: (X, Y, Z) values on the reordered grid (a view of the original where possible).
+        array: (X, Y, Z) values on the reordered grid.
         spacing: voxel spacing in mm along x, y, z.
     """
 

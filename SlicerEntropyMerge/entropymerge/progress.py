@@ -31,7 +31,7 @@ class Progress:
 
         Args:
             stages: (name, weight) pairs in running order; each stage gets weight / total of the bar
-                (all stages equal-weighted to nothing when the weights sum to 0).
+                (none of it when the weights sum to 0).
         """
         total = sum(weight for _, weight in stages) or 1.0
         start = 0.0
