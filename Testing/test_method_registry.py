@@ -6,8 +6,9 @@ import nibabel
 import numpy as np
 import pytest
 
+from entropymerge.arguments import build_parser
 from entropymerge.case import load_case
-from entropymerge.cli import build_parser, main
+from entropymerge.cli import main
 from entropymerge.evaluation import compare_methods
 from entropymerge.merging import MergePlan, one_hot
 from entropymerge.methods import METHODS, MergeMethod, register, unregister

@@ -20,7 +20,7 @@ from .progress import Progress
 from .settings import RunOptions
 from .stages import adapt_merged, evaluate_segmentation, plan_merge, rank_case, run_every_model, save_run_model, segment_volume
 from .summary import AdaptationRecord, RankingRecord, RunSummary
-from .writing import build_summary, write_ranking, write_segmentation
+from .writing import build_summary, write_ranking, write_result
 
 
 def validate_options(options: RunOptions) -> None:
@@ -108,8 +108,7 @@ def run(options: RunOptions, progress: Progress | None = None) -> RunSummary:
         if ranking.rank and len(case.models) < 2:
             raise UserInputError(f"--rank needs at least two models; {len(case.models)} given")
         plan, probe_run = plan_merge(case, merge, probe, ranking.rank, progress, timings)
-        per_model: dict[str, dict] = {}
-        ensemble_sum = None
+        per_model, ensemble_sum = {}, None  # per_model: each site model's own result, by name
         if plan.body is None or per_model_runs:  # plan.body None: the method combines full runs of every model
             plan, ensemble_sum = run_every_model(case, plan, per_model, progress, timings, output if wanted.per_model else None)
         adapted, adaptation = (adapt_merged(case, plan, options.adaptation_settings(), probe, probe_run, progress, timings)
@@ -123,10 +122,7 @@ def run(options: RunOptions, progress: Progress | None = None) -> RunSummary:
         if ranking.rank:
             ranked = rank_case(case, merge, ranking, inputs.reference, probe_run, plan, pseudo_labels, per_model, progress, timings)
             write_ranking(output, ranked)
-        progress.stage("write", "writing the outputs")
-        with timings.measure("write"):
-            if wanted.segment:
-                write_segmentation(output, "", segmentation, case)
+        write_result(output, case, segmentation if wanted.segment else None, progress, timings)
         summary = build_summary(inputs.volume, case, plan, timings, progress, evaluation, per_model)
         summary.ranking = RankingRecord(**ranked.to_json()) if ranked else None
         summary.adaptation = AdaptationRecord(**adaptation) if adaptation else None

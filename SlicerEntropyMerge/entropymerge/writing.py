@@ -50,6 +50,23 @@ def write_segmentation(output: OutputFolder, model_name: str, segmentation: Segm
             output.volume(probability_key(label.name, model_name), f"probability_{safe_file_stem(label.name)}{suffix}", probability, geometry)
 
 
+def write_result(output: OutputFolder, case: Case, segmentation: Segmentation | None, progress: Progress,
+                 timings: Timings) -> None:
+    """The write stage: the run's segmentation and entropy map (and probabilities) on the input grid.
+
+    Args:
+        output: the run's output folder.
+        case: the loaded case.
+        segmentation: the run's segmentation; None: nothing to write (rank only).
+        progress: reports the write stage.
+        timings: receives its wall time.
+    """
+    progress.stage("write", "writing the outputs")
+    with timings.measure("write"):
+        if segmentation is not None:
+            write_segmentation(output, "", segmentation, case)
+
+
 def write_ranking(output: OutputFolder, ranking: Ranking) -> None:
     """ranking.json and ranking.csv of the run's transferability ranking."""
     output.json("ranking", "ranking.json", ranking.to_json())
