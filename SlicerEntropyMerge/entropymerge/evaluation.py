@@ -16,7 +16,7 @@ from .merging import MergePlan, one_hot, plan_statistics
 from .methods import METHODS, MergeMethod, PlanContext
 from .probe import probe_batch_size
 from .progress import Progress
-from .settings import MergeSettings
+from .settings import MergeSettings, ProbeSettings
 from .stages import site_probe_outputs
 
 
@@ -60,7 +60,7 @@ def _timed(function):
 def compare_methods(
     case: Case,
     settings: MergeSettings = MergeSettings(),
-    probe_patches: int = 8,
+    probe_patches: int = ProbeSettings.patches,
     probe_size=None,
     progress: Progress | None = None,
     variants: dict[str, MergeSettings] | None = None,

@@ -22,6 +22,7 @@ from scipy.spatial import cKDTree
 
 from .errors import UserInputError
 from .samplefiles import bundled_models, bundled_targets  # noqa: F401 (the sample assets' paths, re-exported)
+from .settings import RankingSettings
 from .volume import Geometry, Volume, write_volume
 
 TISSUES = ("air", "body", "fat", "bone", "kidney", "organ", "vessel", "lesion")
@@ -311,7 +312,8 @@ def describe_sites() -> str:
     return "\n".join(rows)
 
 
-def simulate_scribbles(labels: Volume, seed: int, strokes: int = 3, length_mm: float = 12.0, unlabelled: int = 255) -> Volume:
+def simulate_scribbles(labels: Volume, seed: int, strokes: int = 3, length_mm: float = 12.0,
+                      unlabelled: int = RankingSettings.unlabelled_value) -> Volume:
     """A few strokes per class, as an annotator would paint them on a reference label map.
 
     For every label present (background included), ``strokes`` seeds are drawn from the class's
