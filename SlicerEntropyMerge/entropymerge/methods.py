@@ -69,11 +69,6 @@ def unregister(name: str) -> None:
     METHODS.pop(name, None)
 
 
-def method_names() -> tuple[str, ...]:
-    """The registered methods' names, in registration order."""
-    return tuple(METHODS)
-
-
 def get_method(name: str) -> MergeMethod:
     """The registered method ``name``.
 
