@@ -63,6 +63,17 @@ def test_a_summary_without_format_version_is_format_1_and_reads(full_run_folder,
     assert summary.to_json()["format_version"] == FORMAT_VERSION
 
 
+def test_a_format_1_summary_from_before_ranking_and_adaptation_existed_reads(full_run_folder, tmp_path):
+    data = file_json(full_run_folder)
+    for key in ("format_version", "ranking", "adaptation", "per_model", "evaluation"):
+        data.pop(key)
+    path = tmp_path / SUMMARY_NAME
+    path.write_text(json.dumps(data), encoding="utf-8")
+    summary = read_summary_file(path)
+    assert (summary.ranking, summary.adaptation, summary.per_model, summary.evaluation) == (None, None, None, None)
+    assert summary.models[0].name == data["models"][0]["name"]
+
+
 def test_a_newer_format_is_refused_with_a_request_to_update(full_run_folder, tmp_path):
     path = tmp_path / SUMMARY_NAME
     path.write_text(json.dumps(dict(file_json(full_run_folder), format_version=FORMAT_VERSION + 1)), encoding="utf-8")

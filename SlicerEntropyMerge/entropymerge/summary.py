@@ -300,7 +300,9 @@ class RunSummary:
             return _get(data, key, "")
 
         def optional(key: str, read):
-            return None if get(key) is None else read(get(key), key)
+            # absent or null: summaries written before this stage existed (evaluation, per_model, ranking, adaptation) read too
+            value = data.get(key)
+            return None if value is None else read(value, key)
 
         return cls(
             entropymerge_version=get("entropymerge_version"), created=get("created"), volume=_record(VolumeRecord, get("volume"), "volume"),
