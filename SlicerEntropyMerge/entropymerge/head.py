@@ -30,7 +30,7 @@ class Head:
     keys: frozenset[str]
 
 
-def _out_channels(name: str, module: torch.nn.Module) -> int | None:
+def _out_channels(module: torch.nn.Module) -> int | None:
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.ndim < 2:
         return None
@@ -59,7 +59,7 @@ def detect_head(network: torch.nn.Module, num_classes: int, names: tuple[str, ..
         prefix = names[0] if len(names) == 1 else ""
         keys = frozenset(k for k in state_keys if any(k.startswith(n + ".") for n in names))
         return Head(prefix, keys) if keys else None
-    layers = [(name, _out_channels(name, m)) for name, m in modules.items() if _out_channels(name, m) is not None]
+    layers = [(name, out) for name, m in modules.items() if (out := _out_channels(m)) is not None]
     trailing = []
     for name, out in reversed(layers):
         if out != num_classes:

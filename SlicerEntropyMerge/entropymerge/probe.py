@@ -17,7 +17,7 @@ import torch
 
 from .errors import UserInputError
 from .inference import autocast
-from .padding import fit_window, pad_to_multiple
+from .padding import fit_window, pad_far_ends, pad_to_multiple
 
 
 @dataclass
@@ -116,10 +116,8 @@ def select_probe(inputs: torch.Tensor, patch_size, max_patches: int = 4, mode: s
         raise UserInputError(f"--probe-patches must be at least 1, got {max_patches}")
     spatial = inputs.shape[2:]
     size = list(fit_window(patch_size, spatial, multiple, "the probe patch size", notes))
-    if any(p > s for p, s in zip(size, spatial)):
-        pads = [max(p - s, 0) for p, s in zip(size, spatial)]
-        inputs = torch.nn.functional.pad(inputs, [a for pad in reversed(pads) for a in (0, pad)], mode="replicate")
-        spatial = inputs.shape[2:]
+    inputs, _ = pad_far_ends(inputs, [max(p - s, 0) for p, s in zip(size, spatial)])  # a volume smaller than a patch
+    spatial = inputs.shape[2:]
     mask = body_mask(inputs[0, 0]).double()
     integral = torch.nn.functional.pad(mask.cumsum(0).cumsum(1).cumsum(2), (1, 0, 1, 0, 1, 0))
     stride = [max(p // 2, 1) for p in size]
@@ -155,9 +153,7 @@ def crop_patches(inputs: torch.Tensor, origins, size) -> torch.Tensor:
         (P, C, x, y, z) patches, in the order of ``origins``.
     """
     spatial = inputs.shape[2:]
-    pads = [max(0, max(o[axis] for o in origins) + size[axis] - spatial[axis]) for axis in range(3)]
-    if any(pads):
-        inputs = torch.nn.functional.pad(inputs, [a for pad in reversed(pads) for a in (0, pad)], mode="replicate")
+    inputs, _ = pad_far_ends(inputs, [max(0, max(o[axis] for o in origins) + size[axis] - spatial[axis]) for axis in range(3)])
     return torch.cat([inputs[:, :, x : x + size[0], y : y + size[1], z : z + size[2]] for x, y, z in origins])
 
 

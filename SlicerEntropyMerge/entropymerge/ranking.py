@@ -129,9 +129,6 @@ def label_probe(inputs: torch.Tensor, labels: np.ndarray, probe: Probe) -> Probe
 # ---------------------------------------------------------------------------------------------
 # The ranking
 
-# ---------------------------------------------------------------------------------------------
-# The ranking
-
 
 @dataclass
 class Ranking:
