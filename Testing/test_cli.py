@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import run_cli, shared_file
-from entropymerge.cli import main
+from entropymerge.arguments import build_parser
+from entropymerge.cli import COMMANDS, main
 from entropymerge.summary import ClassScores, Coefficients, Evaluation, RunSummary
 from entropymerge.volume import Geometry, write_volume
 from test_models import FileCreatingPayload
@@ -192,3 +193,8 @@ def test_console_table_shows_method_coefficients_and_dice_per_class():
                      coefficients=Coefficients({"north": 0.0, "south": 1.0}, {"north": 0.0, "south": 1.0}))
     assert run_table(single).splitlines() == ["method: single", "  model: south"]
     assert run_table(replace(summary, outputs={}, evaluation=None)) == "", "a ranking-only run has no merge to show"
+
+
+def test_every_command_of_the_parser_has_a_handler():
+    """The parser's sub-commands and cli.COMMANDS are two lists: a command missing from either would be an internal error."""
+    assert set(COMMANDS) == set(build_parser()._subparsers._group_actions[0].choices)

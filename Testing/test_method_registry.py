@@ -58,8 +58,10 @@ def test_a_registered_method_appears_in_the_cli_the_pipeline_and_the_evaluation(
 def test_an_unregistered_method_leaves_the_cli():
     method = register(MergeMethod("first-model", "first site model", "always the first site model",
                                   plan=lambda context: MergePlan("first-model", one_hot(0, len(context.models)))))
-    assert "first-model" in method_choices("batch")
-    unregister(method.name)
+    try:
+        assert "first-model" in method_choices("batch")
+    finally:  # a failure must not leave the method registered for the tests after this one
+        unregister(method.name)
     assert "first-model" not in method_choices() and "first-model" not in method_choices("batch")
 
 

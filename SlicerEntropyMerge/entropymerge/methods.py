@@ -20,9 +20,8 @@ class PlanContext:
     the probe and the site models' softmax outputs on it (K x (P, C, X, Y, Z))."""
 
     models: list  # SiteModel
-    settings: Any  # settings.MergeSettings (statistic, temperatures, head decoupling)
+    settings: Any  # settings.MergeSettings (statistic, temperatures, head decoupling, single_model)
     device: Any  # torch.device
-    single_model: Optional[str] = None  # --single-model
     probe: Any = None  # probe.Probe
     outputs: Optional[list] = None
     batch_size: int = 2
@@ -111,7 +110,7 @@ def _mean(context: PlanContext):
 def _single(context: PlanContext):
     from .merging import MergePlan, one_hot
 
-    return MergePlan("single", one_hot(single_model_index(context.models, context.single_model), len(context.models)))
+    return MergePlan("single", one_hot(single_model_index(context.models, context.settings.single_model), len(context.models)))
 
 
 def _select(context: PlanContext):

@@ -121,7 +121,7 @@ def plan_merge(case: Case, merge: MergeSettings, probe: ProbeSettings = ProbeSet
         progress.stage("merge", f"{method.label}: every site model runs on the whole volume")
         return MergePlan(method.name, None), probe_run
     progress.stage("merge", f"{method.label} of {len(models)} site models")
-    context = PlanContext(models, merge, case.device, merge.single_model)
+    context = PlanContext(models, merge, case.device)
     if probe_run is not None:
         context.probe, context.outputs = probe_run.probe, probe_run.outputs
         context.batch_size = probe_batch_size(probe_run.probe, case.settings.roi_size)
