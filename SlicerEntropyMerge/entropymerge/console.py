@@ -25,8 +25,8 @@ def run_table(summary: RunSummary) -> str:
     if summary.has_segmentation:  # a ranking-only run merges nothing
         decoupled = bool(summary.decoupled_head and head)
         lines.append(f"method: {method}" + (" (head merged with its own coefficients beta)" if decoupled else ""))
-        if body and method in ("single", "select", "oracle"):
-            lines.append(f"  model: {max(body, key=body.get)}")
+        if summary.one_model:
+            lines.append(f"  model: {summary.one_model}")
         elif body:
             width = max(len(name) for name in body)
             lines.append(f"  {'model':<{width}}  {'alpha':>6}" + (f"  {'beta':>6}" if decoupled else ""))

@@ -45,6 +45,7 @@ class MergeMethod:
     plan: Optional[Callable[[PlanContext], Any]] = None
     combine: Optional[str] = None  # "average" or "best", for methods without a plan
     compared: bool = True  # a row of the side-by-side comparison (single: every site model has its own row)
+    one_model: bool = False  # one-hot coefficients: one site model runs as it is (tables name it, not a merge)
 
     @property
     def runs_every_model(self) -> bool:
@@ -134,8 +135,8 @@ register(MergeMethod("mean", "mean merge", "every site model weighs 1/K (model s
 register(MergeMethod("ensemble", "ensemble of the site models", "average of the K models' softmax outputs (K inferences)",
                      combine="average"))
 register(MergeMethod("single", "single site model", "one site model as it is (--single-model)", plan=_single,
-                     compared=False))
+                     compared=False, one_model=True))
 register(MergeMethod("select", "entropy-selected model", "the site model with the lowest probe uncertainty",
-                     uses_probe=True, plan=_select))
+                     uses_probe=True, plan=_select, one_model=True))
 register(MergeMethod("oracle", "oracle best single model", "the site model with the best Dice against --reference",
-                     needs_reference=True, combine="best"))
+                     needs_reference=True, combine="best", one_model=True))

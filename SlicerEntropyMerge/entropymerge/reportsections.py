@@ -17,7 +17,6 @@ from .modelcard import Label
 from .summary import Evaluation, RunSummary
 
 SERIES_COLORS = ("#0072b2", "#e69f00")  # body alpha, head beta (Okabe-Ito)
-SINGLE_MODEL_METHODS = ("single", "select", "oracle")  # one-hot coefficients: one site model runs as it is
 
 
 @dataclass
@@ -46,9 +45,8 @@ def result_title(summary: RunSummary) -> str:
     Returns:
         ``"<method>: <model>"`` when one site model ran as it is, else ``"merged (<method>)"``.
     """
-    body = summary.coefficients.body
-    if summary.method in SINGLE_MODEL_METHODS and body:
-        return f"{summary.method}: {max(body, key=body.get)}"
+    if summary.one_model:
+        return f"{summary.method}: {summary.one_model}"
     return f"merged ({summary.method})"
 
 
@@ -192,7 +190,7 @@ def coefficients_section(summary: RunSummary) -> str:
     if not coefficients.body:
         return (f"<section id=\"coefficients\"><h2>Merging coefficients</h2><p>The {_e(summary.method)} method merges no "
                 f"weights: it runs every site model in full.</p></section>")
-    if summary.method in SINGLE_MODEL_METHODS:
+    if summary.one_model:
         return (f"<section id=\"coefficients\"><h2>Site model used</h2><p>The {_e(summary.method)} method merges nothing: "
                 f"it runs one site model as it is ({_e(result_title(summary))}).</p></section>")
     series = [("body α", coefficients.body)] + ([("head β", coefficients.head)] if summary.decoupled_head else [])
