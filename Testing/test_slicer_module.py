@@ -224,6 +224,10 @@ def test_every_slicer_default_is_the_engines(panel_parameters):
     from SlicerEntropyMergeLib.scene import UNLABELLED
 
     assert UNLABELLED == defaults.unlabelled_value  # what unpainted scribble voxels are written as
+    from entropymerge.settings import ADAPT_METHODS
+
+    assert [a.value for a in parameters.Adaptation] == list(ADAPT_METHODS)  # the engine's list, not a copy
+    assert [a.label() for a in parameters.Adaptation] == ["none", "TENT", "DSBR (collapse-safe)"]
 
 
 def test_a_registered_merge_method_reaches_the_panel_and_the_engine_command_line(panel_parameters):

@@ -11,7 +11,7 @@ from slicer.i18n import tr as _
 from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 
 from entropymerge.methods import METHODS
-from entropymerge.settings import AdaptationSettings, InferenceOverrides, MergeSettings, OutputSettings, ProbeSettings, RankingSettings
+from entropymerge.settings import ADAPT_METHODS, AdaptationSettings, InferenceOverrides, MergeSettings, OutputSettings, ProbeSettings, RankingSettings
 from SlicerEntropyMergeLib.engine import RunRequest, parse_roi_size
 
 
@@ -34,13 +34,13 @@ class Device(enum.Enum):
         return {Device.auto: _("auto (GPU when present)"), Device.gpu: _("GPU"), Device.cpu: _("CPU")}[self]
 
 
-class Adaptation(enum.Enum):
-    none = "none"
-    tent = "tent"
-    dsbr = "dsbr"
-
+class AdaptationLabel:
     def label(self):
-        return {Adaptation.none: _("none"), Adaptation.tent: _("TENT"), Adaptation.dsbr: _("DSBR (collapse-safe)")}[self]
+        return {"none": _("none"), "tent": _("TENT"), "dsbr": _("DSBR (collapse-safe)")}.get(self.value, self.value)
+
+
+# The engine's adaptation methods are the one list (a new one reaches the panel, with its name as the label).
+Adaptation = enum.Enum("Adaptation", [(m, m) for m in ADAPT_METHODS], type=AdaptationLabel)
 
 
 class ReferenceKind(enum.Enum):
