@@ -11,7 +11,7 @@ from entropymerge.case import load_case
 from entropymerge.cli import main
 from entropymerge.evaluation import compare_methods
 from entropymerge.merging import MergePlan, one_hot
-from entropymerge.methods import METHODS, MergeMethod, register, unregister
+from entropymerge.methods import METHODS, MergeMethod, one_model_used, register, unregister
 from entropymerge.models import unique_names
 from entropymerge.progress import Progress
 from entropymerge.settings import RunOptions
@@ -109,3 +109,11 @@ def test_with_one_model_every_method_is_that_model_without_a_probe(tmp_path, mod
     read = lambda folder: np.asanyarray(nibabel.load(str(folder / "segmentation.nii.gz")).dataobj)
     np.testing.assert_array_equal(read(tmp_path / method), read(tmp_path / "single"))
     assert not any(note.startswith("one site model:") for note in single["notes"])
+
+
+def test_one_model_used_names_the_site_model_only_for_one_model_methods():
+    one_hot = {"north": 0.0, "south": 1.0, "east": 0.0}
+    assert one_model_used("select", one_hot) == one_model_used("oracle", one_hot) == one_model_used("single", one_hot) == "south"
+    assert one_model_used("adaptive", one_hot) is None  # a one-hot alpha is still a merge
+    assert one_model_used("unknown-plug-in", one_hot) is None
+    assert one_model_used("select", {}) is None

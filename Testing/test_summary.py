@@ -1,7 +1,6 @@
 """The run summary: written and read only through ``entropymerge.summary``; older formats read, newer ones refused."""
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -122,14 +121,3 @@ def test_a_summary_made_in_code_has_the_file_layout():
                           "decoupled_head", "probe_statistics", "merge_details", "features", "device", "inference", "evaluation",
                           "per_model", "timings_s", "notes", "versions", "ranking", "adaptation", "outputs"]
 
-
-def test_one_model_names_the_site_model_only_for_one_model_methods(full_run_folder):
-    summary = read_summary(full_run_folder)
-    body = {name: 0.0 for name in summary.model_names}
-    body[summary.model_names[-1]] = 1.0
-    one_hot = replace(summary, coefficients=replace(summary.coefficients, body=body))
-    assert replace(one_hot, method="select").one_model == summary.model_names[-1]
-    assert replace(one_hot, method="oracle").one_model == summary.model_names[-1]
-    assert replace(one_hot, method="adaptive").one_model is None  # a one-hot alpha is still a merge
-    assert replace(one_hot, method="unknown-plug-in").one_model is None
-    assert replace(summary, method="select", coefficients=replace(summary.coefficients, body={})).one_model is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+from .methods import one_model_used
 from .rankingtable import ranking_table
 from .summary import RunSummary
 
@@ -25,8 +26,9 @@ def run_table(summary: RunSummary) -> str:
     if summary.has_segmentation:  # a ranking-only run merges nothing
         decoupled = bool(summary.decoupled_head and head)
         lines.append(f"method: {method}" + (" (head merged with its own coefficients beta)" if decoupled else ""))
-        if summary.one_model:
-            lines.append(f"  model: {summary.one_model}")
+        used = one_model_used(method, body)
+        if used:
+            lines.append(f"  model: {used}")
         elif body:
             width = max(len(name) for name in body)
             lines.append(f"  {'model':<{width}}  {'alpha':>6}" + (f"  {'beta':>6}" if decoupled else ""))

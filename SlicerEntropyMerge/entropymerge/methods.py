@@ -69,6 +69,20 @@ def unregister(name: str) -> None:
     METHODS.pop(name, None)
 
 
+def one_model_used(method: str, body: dict[str, float]) -> Optional[str]:
+    """The site model that ran as it is, for a one-model method (single, select, oracle).
+
+    Args:
+        method: the run's method name (an unregistered one, e.g. a plug-in absent here, is not a one-model method).
+        body: the run's body coefficients alpha by model name (one-hot for a one-model method).
+
+    Returns:
+        The model's name, or None for a merge (even one whose alpha happens to be one-hot) or empty coefficients.
+    """
+    registered = METHODS.get(method)
+    return max(body, key=body.get) if registered is not None and registered.one_model and body else None
+
+
 def get_method(name: str) -> MergeMethod:
     """The registered method ``name``.
 

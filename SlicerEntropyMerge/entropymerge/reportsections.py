@@ -13,6 +13,7 @@ import numpy as np
 from matplotlib import colormaps
 
 from .figures import ENTROPY_COLORMAP, ENTROPY_LABEL, VIEWS
+from .methods import one_model_used
 from .modelcard import Label
 from .summary import Evaluation, RunSummary
 
@@ -45,8 +46,9 @@ def result_title(summary: RunSummary) -> str:
     Returns:
         ``"<method>: <model>"`` when one site model ran as it is, else ``"merged (<method>)"``.
     """
-    if summary.one_model:
-        return f"{summary.method}: {summary.one_model}"
+    used = one_model_used(summary.method, summary.coefficients.body)
+    if used:
+        return f"{summary.method}: {used}"
     return f"merged ({summary.method})"
 
 
@@ -190,7 +192,7 @@ def coefficients_section(summary: RunSummary) -> str:
     if not coefficients.body:
         return (f"<section id=\"coefficients\"><h2>Merging coefficients</h2><p>The {_e(summary.method)} method merges no "
                 f"weights: it runs every site model in full.</p></section>")
-    if summary.one_model:
+    if one_model_used(summary.method, coefficients.body):
         return (f"<section id=\"coefficients\"><h2>Site model used</h2><p>The {_e(summary.method)} method merges nothing: "
                 f"it runs one site model as it is ({_e(result_title(summary))}).</p></section>")
     series = [("body α", coefficients.body)] + ([("head β", coefficients.head)] if summary.decoupled_head else [])

@@ -266,14 +266,6 @@ class RunSummary:
         return [model.name for model in self.models]
 
     @property
-    def one_model(self) -> str | None:
-        """The site model that ran as it is, for a one-model method (single, select, oracle); else None."""
-        from .methods import METHODS  # standard library only, as this module
-
-        method, body = METHODS.get(self.method), self.coefficients.body
-        return max(body, key=body.get) if method is not None and method.one_model and body else None
-
-    @property
     def has_segmentation(self) -> bool:
         """False for a ranking-only run, which writes no segmentation."""
         return output_key("segmentation") in self.outputs
